@@ -1,0 +1,371 @@
+"""What every backbone adapter shares: loading, prompting, the differentiable leaves,
+logits at a chosen layer, greedy answers, and the token -> pixel layout.
+
+An adapter subclass only states its architecture's differences as data and two small
+functions: how to call the model's own ``get_image_features`` and where each visual
+token lies in the view (``token_boxes``). Everything else is here, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from egg_eval.types import Counters
+
+# Token groups returned by ``token_boxes``.
+PRIMARY = 0  # the fine grid the regions step works on
+GLOBAL = 1  # a coarse view of the same pixels (LLaVA-NeXT base view, InternVL thumbnail)
+NO_PLACE = -1  # a token with no place in the image (LLaVA-NeXT's image_newline)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the visual tokens of ONE image lie, in that image's (the view's) pixels.
+
+    ``grid`` (R, C) holds, for each cell of the map's grid, the index of its token in the
+    image's flattened token vector; ``grid_boxes`` (R, C, 4) the cell boxes.
+    ``global_index`` (G,) / ``global_boxes`` (G, 4) are tokens of a coarse global view of
+    the same pixels, folded into the grid by :meth:`to_map`. ``n_tokens`` counts all
+    tokens, placeless ones included.
+    """
+
+    grid: np.ndarray
+    grid_boxes: np.ndarray
+    global_index: np.ndarray
+    global_boxes: np.ndarray
+    n_tokens: int
+
+    @classmethod
+    def from_token_boxes(cls, boxes: np.ndarray, groups: np.ndarray, image_size: tuple[int, int]) -> TokenLayout:
+        """Build the grid from per-token boxes (N, 4) on a regular lattice and their groups (N,).
+
+        Lattice rows/columns come from the distinct (unclipped) box corners; boxes are then
+        clipped to the image, since padding and centre-crop margins hold no pixels.
+        """
+        boxes = np.asarray(boxes, dtype=np.float64)
+        groups = np.asarray(groups)
+        prim = np.flatnonzero(groups == PRIMARY)
+        if prim.size == 0:
+            raise ValueError("layout has no primary tokens")
+        y0 = np.round(boxes[prim, 1], 3)
+        x0 = np.round(boxes[prim, 0], 3)
+        ys, xs = np.unique(y0), np.unique(x0)
+        rows, cols = np.searchsorted(ys, y0), np.searchsorted(xs, x0)
+        grid = np.full((ys.size, xs.size), -1, dtype=np.int64)
+        grid[rows, cols] = prim
+        if (grid < 0).any() or ys.size * xs.size != prim.size:
+            raise ValueError(f"primary tokens do not form a full grid ({prim.size} tokens, {ys.size}x{xs.size})")
+        w, h = image_size
+        lo, hi = np.array([0, 0, 0, 0.0]), np.array([w, h, w, h], dtype=np.float64)
+        clipped = np.clip(boxes, lo, hi)
+        glob = np.flatnonzero(groups == GLOBAL)
+        return cls(
+            grid=grid,
+            grid_boxes=clipped[grid],
+            global_index=glob,
+            global_boxes=clipped[glob],
+            n_tokens=int(boxes.shape[0]),
+        )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.grid.shape  # type: ignore[return-value]
+
+    def token_boxes(self) -> np.ndarray:
+        """(n_tokens, 4) boxes in view pixels, NaN for tokens with no place."""
+        out = np.full((self.n_tokens, 4), np.nan)
+        out[self.grid.reshape(-1)] = self.grid_boxes.reshape(-1, 4)
+        out[self.global_index] = self.global_boxes
+        return out
+
+    def to_map(self, scores: np.ndarray) -> np.ndarray:
+        """Per-token scores (n_tokens,) -> one (R, C) map on the grid.
+
+        Global-view tokens (LLaVA-NeXT's 24x24 base view, InternVL's thumbnail) see the
+        same pixels as the grid at lower resolution. Each one's score is spread over the
+        grid cells it overlaps in proportion to the overlap area, so the map keeps the
+        total saliency mass (the component score of Eq. 6 is a sum) and a location is
+        salient if either resolution found it relevant.
+        """
+        scores = np.asarray(scores, dtype=np.float64)
+        out = scores[self.grid].copy()
+        if self.global_index.size:
+            cells = self.grid_boxes.reshape(-1, 4)
+            g = self.global_boxes
+            iw = np.clip(
+                np.minimum(g[:, None, 2], cells[None, :, 2]) - np.maximum(g[:, None, 0], cells[None, :, 0]), 0, None
+            )
+            ih = np.clip(
+                np.minimum(g[:, None, 3], cells[None, :, 3]) - np.maximum(g[:, None, 1], cells[None, :, 1]), 0, None
+            )
+            overlap = iw * ih
+            total = overlap.sum(axis=1, keepdims=True)
+            weights = np.divide(overlap, total, out=np.zeros_like(overlap), where=total > 0)
+            out += (scores[self.global_index] @ weights).reshape(out.shape)
+        return out
+
+
+class _StopForward(Exception):
+    """Raised by the logit-lens hook once layer L has run, to skip the layers above it."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+@contextlib.contextmanager
+def capture_layer_output(layer: torch.nn.Module) -> Iterator[None]:
+    """Stop the forward pass after ``layer`` and carry its output out in ``_StopForward``.
+
+    The hook is removed in ``finally``, so no hook survives an exception.
+    """
+
+    def hook(_module, _inputs, output):
+        raise _StopForward(output[0] if isinstance(output, tuple) else output)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class Backbone:
+    """One VLM behind the interface the method needs.
+
+    Subclasses set the class attributes and implement ``_image_features`` and
+    ``token_boxes``. All methods take PIL images (views) and a question text; prompts go
+    through the processor's own chat template, images through its own image processor.
+    """
+
+    family: ClassVar[str]
+    default_path: ClassVar[str]
+    model_class: ClassVar[type]
+    processor_class: ClassVar[type]
+    vision_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    # How many images the model takes natively in one prompt (None = no limit).
+    max_images: ClassVar[int | None] = None
+
+    def __init__(self, model: torch.nn.Module, processor: Any, *, max_new_tokens: int = 32, name: str | None = None):
+        model.requires_grad_(False)
+        self.model = model.eval()
+        self.processor = processor
+        self.max_new_tokens = max_new_tokens
+        self.name = name or self.family
+        self.counters = Counters()
+        self.revision: str | None = None
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path | None = None,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        revision: str | None = None,
+        attn_implementation: str | None = "sdpa",
+        max_new_tokens: int = 32,
+        name: str | None = None,
+    ) -> Backbone:
+        """Load from a hub id or a local ``save_pretrained`` directory; ``trust_remote_code`` stays off."""
+        path = str(path or cls.default_path)
+        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        if dtype == "auto":
+            torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        else:
+            torch_dtype = getattr(torch, dtype)
+        kw: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": False}
+        if revision:
+            kw["revision"] = revision
+        if attn_implementation:
+            kw["attn_implementation"] = attn_implementation
+        model = cls.model_class.from_pretrained(path, **kw).to(dev)
+        pkw = {"revision": revision} if revision else {}
+        processor = cls.processor_class.from_pretrained(path, **pkw)
+        bb = cls(model, processor, max_new_tokens=max_new_tokens, name=name)
+        bb.revision = revision or getattr(model.config, "_commit_hash", None)
+        return bb
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # --------------------------------------------------------------- prompting
+    def prompt(self, n_images: int, text: str) -> str:
+        content: list[dict[str, str]] = [{"type": "image"} for _ in range(n_images)]
+        content.append({"type": "text", "text": text})
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, images: Sequence[Image.Image], text: str) -> dict[str, torch.Tensor]:
+        """The model's own processor on ``images`` (in order) and the chat-templated ``text``."""
+        if self.max_images is not None and len(images) > self.max_images:
+            raise ValueError(f"{self.family} takes at most {self.max_images} images per prompt, got {len(images)}")
+        batch = self.processor(images=list(images), text=self.prompt(len(images), text), return_tensors="pt")
+        out = {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device)
+                if v.is_floating_point():
+                    v = v.to(self.dtype)
+            out[k] = v
+        return out
+
+    # ---------------------------------------------------------- visual leaves
+    def _image_features(self, enc: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Projected visual embeddings per image, via the model's own ``get_image_features``."""
+        raise NotImplementedError
+
+    def visual_leaves(self, enc: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Projected visual embeddings as detached leaves that require grad (vision tower without grad)."""
+        with torch.no_grad():
+            feats = self._image_features(enc)
+        return [f.detach().requires_grad_(True) for f in feats]
+
+    def _pack_leaves(self, leaves: list[torch.Tensor]) -> Any:
+        return list(leaves)
+
+    def lm_inputs(self, enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the language model needs besides the visual embeddings."""
+        return {k: v for k, v in enc.items() if k not in self.vision_keys}
+
+    def model_inputs(self, enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a plain forward / ``generate`` takes."""
+        return enc
+
+    # ------------------------------------------------------------------ layers
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    def next_token_logits(
+        self, enc: dict[str, torch.Tensor], leaves: list[torch.Tensor], *, layer: int | None = None
+    ) -> torch.Tensor:
+        """Next-token logits (V,) at the last position, differentiable in ``leaves``.
+
+        ``layer`` L in 1..num_layers is the logit lens: the first L decoder layers, then the
+        final norm and the LM head (the reference code skips the norm; applying it is the
+        usual logit lens and keeps the scale of the last layer). ``None`` = last layer.
+        """
+        self.counters.n_forward += 1
+        kw = dict(self.lm_inputs(enc), use_cache=False)
+        kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self._pack_leaves(leaves))}
+        n = self.num_layers
+        if layer is None or layer == n or layer == -1:
+            return self.model(**kw, logits_to_keep=1).logits[0, -1].float()
+        if not 1 <= layer <= n:
+            raise ValueError(f"layer must be in 1..{n} (or -1 / None for the last), got {layer}")
+        try:
+            with capture_layer_output(self.decoder_layers[layer - 1]):
+                self.model.model(**kw)
+        except _StopForward as stop:
+            hidden = stop.hidden[:, -1]
+        else:  # pragma: no cover - the hook always fires
+            raise RuntimeError("logit-lens hook did not fire")
+        return self.model.lm_head(self.language_model.norm(hidden))[0].float()
+
+    # ---------------------------------------------------------------- decoding
+    @torch.no_grad()
+    def greedy_tokens(self, enc: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        """Greedy-decode ``n`` tokens (1, n) from ``enc`` (one forward per token)."""
+        if n <= 0:
+            return torch.zeros((1, 0), dtype=torch.long, device=self.device)
+        out = self.model.generate(
+            **self.model_inputs(enc),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            num_beams=1,
+            top_p=None,
+            top_k=None,
+            temperature=None,
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        self.counters.n_forward += int(new.shape[1])
+        return new
+
+    @staticmethod
+    def append_tokens(enc: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``enc`` with ``tokens`` (1, n) appended as if they had been generated."""
+        if tokens.shape[1] == 0:
+            return enc
+        out = dict(enc)
+        length = enc["input_ids"].shape[1]
+        out["input_ids"] = torch.cat([enc["input_ids"], tokens], dim=1)
+        for k, v in enc.items():
+            if k != "input_ids" and isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == (1, length):
+                fill = torch.ones_like(tokens) if k == "attention_mask" else torch.zeros_like(tokens)
+                out[k] = torch.cat([v, fill.to(v.dtype)], dim=1)
+        return out
+
+    @torch.no_grad()
+    def answer(self, images: Sequence[Image.Image], text: str, max_new_tokens: int | None = None) -> str:
+        """Greedy answer from ``images`` (whole image first, then crops) as real images in one prompt."""
+        t0 = time.perf_counter()
+        enc = self.encode(images, text)
+        out = self.model.generate(
+            **self.model_inputs(enc),
+            do_sample=False,
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            num_beams=1,
+            top_p=None,
+            top_k=None,
+            temperature=None,
+        )
+        new = out[0, enc["input_ids"].shape[1] :]
+        self.counters.n_forward += max(1, int(new.shape[0]))
+        self.counters.time_answer_s += time.perf_counter() - t0
+        return self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def first_token_max_prob(self, images: Sequence[Image.Image], text: str) -> float:
+        """Max probability of the first answer token given all ``images`` (the confidence rule)."""
+        enc = self.encode(images, text)
+        self.counters.n_forward += 1
+        logits = self.model(**self.model_inputs(enc), use_cache=False, logits_to_keep=1).logits[0, -1].float()
+        return float(torch.softmax(logits, dim=-1).max())
+
+    # ------------------------------------------------------------------ layout
+    def token_boxes(self, enc: dict[str, torch.Tensor], image_index: int, image_size: tuple[int, int]):
+        """Per-token boxes (N, 4) in the image's pixels and groups (N,) for image ``image_index``."""
+        raise NotImplementedError
+
+    def token_layout(self, enc: dict[str, torch.Tensor], image_index: int, image_size: tuple[int, int]) -> TokenLayout:
+        boxes, groups = self.token_boxes(enc, image_index, image_size)
+        return TokenLayout.from_token_boxes(boxes, groups, image_size)
+
+
+def cell_boxes(rows: int, cols: int, cell_w: float, cell_h: float) -> np.ndarray:
+    """Row-major (rows*cols, 4) boxes of a regular grid of ``cell_w`` x ``cell_h`` cells."""
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    return np.stack([c * cell_w, r * cell_h, (c + 1) * cell_w, (r + 1) * cell_h], axis=1).astype(np.float64)
+
+
+def affine(boxes: np.ndarray, scale_x: float, scale_y: float, off_x: float = 0.0, off_y: float = 0.0) -> np.ndarray:
+    """Map canvas boxes back to image pixels: ``x = (u - off_x) / scale_x``."""
+    out = np.asarray(boxes, dtype=np.float64).copy()
+    out[..., [0, 2]] = (out[..., [0, 2]] - off_x) / scale_x
+    out[..., [1, 3]] = (out[..., [1, 3]] - off_y) / scale_y
+    return out

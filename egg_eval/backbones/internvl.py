@@ -1,0 +1,87 @@
+"""InternVL-3.5 (``OpenGVLab/InternVL3_5-8B-HF``).
+
+The image is squashed onto a canvas of cols x rows tiles of 448 px chosen by
+``get_optimal_tiled_canvas``; tiles go row-major, then a 448 px thumbnail of the whole
+image when there is more than one tile. Each tile's 32x32 patches are pixel-shuffled
+(0.5) into 16x16 = 256 tokens. The token order inside a tile is taken from the model's
+own ``pixel_shuffle`` run on patch coordinates. The tiles form the map's grid; the
+thumbnail is a global view folded in by overlap area, as LLaVA-NeXT's base view.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import InternVLForConditionalGeneration
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+from egg_eval.backbones.base import GLOBAL, PRIMARY, Backbone, affine, cell_boxes
+from egg_eval.backbones.llava import size_get
+from egg_eval.backbones.processors import InternVLImageOnlyProcessor
+
+
+class InternVL(Backbone):
+    family = "internvl35"
+    default_path = "OpenGVLab/InternVL3_5-8B-HF"
+    model_class = InternVLForConditionalGeneration
+    processor_class = InternVLImageOnlyProcessor
+
+    def _tiling(self, image_size: tuple[int, int]) -> tuple[int, int, int, bool]:
+        """(cols, rows, tile px, thumbnail?) for an image of ``image_size`` (w, h)."""
+        ip = self.processor.image_processor
+        tile = size_get(ip.size, "height")
+        if not getattr(ip, "crop_to_patches", True):
+            return 1, 1, tile, False
+        w, h = image_size
+        cols, rows = get_optimal_tiled_canvas((h, w), (tile, tile), ip.min_patches, ip.max_patches)
+        return cols, rows, tile, cols * rows > 1
+
+    def encode(self, images, text):
+        enc = super().encode(images, text)
+        enc["_sizes"] = [im.size for im in images]  # kept out of model calls
+        return enc
+
+    def lm_inputs(self, enc):
+        return {k: v for k, v in enc.items() if k not in ("pixel_values", "_sizes")}
+
+    def model_inputs(self, enc):
+        return {k: v for k, v in enc.items() if k != "_sizes"}
+
+    def _image_features(self, enc):
+        cfg = self.model.config
+        out = self.model.model.get_image_features(
+            pixel_values=enc["pixel_values"],
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            return_dict=True,
+        )
+        counts = []
+        for size in enc["_sizes"]:
+            cols, rows, _, thumb = self._tiling(size)
+            counts.append(cols * rows + int(thumb))
+        return list(torch.split(out.pooler_output, counts))
+
+    def _pack_leaves(self, leaves):
+        return torch.cat(leaves, dim=0)
+
+    def token_boxes(self, enc, image_index, image_size):
+        cfg = self.model.config
+        w, h = image_size
+        cols, rows, tile, thumb = self._tiling(image_size)
+        p = cfg.vision_config.patch_size
+        p = p[0] if isinstance(p, (list, tuple)) else p
+        g = tile // p
+        patch = torch.from_numpy(cell_boxes(g, g, p, p)).reshape(1, g, g, 4)
+        shuffled = self.model.model.pixel_shuffle(patch, scale_factor=cfg.downsample_ratio)
+        parts = shuffled.reshape(-1, shuffled.shape[-1] // 4, 4).numpy()  # (tokens, patches merged, 4)
+        in_tile = np.concatenate([parts[..., :2].min(axis=1), parts[..., 2:].max(axis=1)], axis=1)
+        boxes = [
+            affine(in_tile + np.array([c * tile, r * tile] * 2), cols * tile / w, rows * tile / h)
+            for r in range(rows)
+            for c in range(cols)
+        ]
+        groups = [np.full(len(in_tile), PRIMARY)] * (rows * cols)
+        if thumb:
+            boxes.append(affine(in_tile, tile / w, tile / h))
+            groups.append(np.full(len(in_tile), GLOBAL))
+        return np.concatenate(boxes), np.concatenate(groups)

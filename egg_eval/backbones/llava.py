@@ -1,0 +1,82 @@
+"""LLaVA-1.5 (``llava-hf/llava-1.5-7b-hf``): one 24x24 grid over the processor's centre crop.
+
+The processor optionally pads to a square (``do_pad``), resizes the shortest edge to
+336 and centre-crops 336x336, so the margins cut away along the long side are never
+seen; token (r, c) covers crop pixels [14c, 14c+14) x [14r, 14r+14).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers.image_transforms import get_resize_output_image_size
+from transformers.image_utils import ChannelDimension
+
+from egg_eval.backbones.base import NO_PLACE, PRIMARY, Backbone, affine, cell_boxes
+
+
+def size_get(size, key: str):
+    """Read ``key`` from a processor size (a dict or a ``SizeDict``)."""
+    if size is None:
+        return None
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def resized_size(size, height: int, width: int) -> tuple[int, int]:
+    """(h, w) the processor's ``resize`` produces for an (height, width) image."""
+    if size_get(size, "shortest_edge"):
+        dummy = np.zeros((1, height, width))
+        return tuple(
+            get_resize_output_image_size(  # type: ignore[return-value]
+                dummy,
+                size=size_get(size, "shortest_edge"),
+                default_to_square=False,
+                input_data_format=ChannelDimension.FIRST,
+            )
+        )
+    return size_get(size, "height"), size_get(size, "width")
+
+
+class Llava(Backbone):
+    family = "llava15"
+    default_path = "llava-hf/llava-1.5-7b-hf"
+    model_class = LlavaForConditionalGeneration
+    processor_class = LlavaProcessor
+
+    def _image_features(self, enc):
+        cfg = self.model.config
+        out = self.model.model.get_image_features(
+            pixel_values=enc["pixel_values"],
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            return_dict=True,
+        )
+        return list(out.pooler_output)
+
+    def token_boxes(self, enc, image_index, image_size):
+        ip = self.processor.image_processor
+        w, h = image_size
+        pad_x = pad_y = 0
+        if getattr(ip, "do_pad", False):  # pad_to_square, image centred
+            side = max(w, h)
+            pad_x, pad_y = (side - w) // 2, (side - h) // 2
+            w_in, h_in = side, side
+        else:
+            w_in, h_in = w, h
+        if getattr(ip, "do_resize", True):
+            rh, rw = resized_size(ip.size, h_in, w_in)
+        else:
+            rh, rw = h_in, w_in
+        top = left = 0
+        ch, cw = rh, rw
+        if getattr(ip, "do_center_crop", False):
+            ch, cw = size_get(ip.crop_size, "height"), size_get(ip.crop_size, "width")
+            top, left = (rh - ch) // 2, (rw - cw) // 2
+        p = self.model.config.vision_config.patch_size
+        canvas = cell_boxes(ch // p, cw // p, p, p) + np.array([left, top, left, top])
+        boxes = affine(affine(canvas, rw / w_in, rh / h_in), 1.0, 1.0, pad_x, pad_y)
+        groups = np.full(len(boxes), PRIMARY)
+        if self.model.config.vision_feature_select_strategy == "full":  # CLS kept: no place
+            boxes = np.concatenate([np.full((1, 4), np.nan), boxes])
+            groups = np.concatenate([[NO_PLACE], groups])
+        return boxes, groups

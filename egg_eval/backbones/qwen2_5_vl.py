@@ -1,0 +1,36 @@
+"""Qwen2.5-VL (``Qwen/Qwen2.5-VL-7B-Instruct``).
+
+The image is smart-resized to multiples of 28 (no crop, no pad): ``image_grid_thw`` =
+(1, gh, gw) patches of 14 px, merged 2x2 into gh/2 x gw/2 tokens, row-major, 28 px each
+in the resized image. ``mm_encoder_outputs`` hands the merger output in this order (a
+hook on ``visual.merger`` would see window order instead), and ``image_grid_thw`` stays
+in the language-model inputs so that M-RoPE positions are computed as usual.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from egg_eval.backbones.base import PRIMARY, Backbone, affine, cell_boxes
+from egg_eval.backbones.processors import Qwen2_5_VLImageOnlyProcessor
+
+
+class Qwen25VL(Backbone):
+    family = "qwen25vl"
+    default_path = "Qwen/Qwen2.5-VL-7B-Instruct"
+    model_class = Qwen2_5_VLForConditionalGeneration
+    processor_class = Qwen2_5_VLImageOnlyProcessor
+
+    def _image_features(self, enc):
+        out = self.model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"], return_dict=True)
+        return list(out.pooler_output)
+
+    def token_boxes(self, enc, image_index, image_size):
+        w, h = image_size
+        _, gh, gw = (int(x) for x in enc["image_grid_thw"][image_index])
+        vc = self.model.config.vision_config
+        p, m = vc.patch_size, vc.spatial_merge_size
+        canvas = cell_boxes(gh // m, gw // m, p * m, p * m)
+        boxes = affine(canvas, gw * p / w, gh * p / h)
+        return boxes, np.full(len(boxes), PRIMARY)

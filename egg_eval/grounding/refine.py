@@ -1,0 +1,168 @@
+"""Iterative refinement (paper Sec. 3.4, Alg. 1) and the final answer.
+
+    views_0 = {I};  H_prev = +inf
+    for t in 0..T-1:
+        ground every view (a view already grounded is taken from the cache)
+        rank all components of all views by w (Eq. 6); keep the top K
+        H_t = spatial entropy (Eq. 7-8) of the mask of the view holding the best component
+        spatial_entropy rule: if H_t >= H_prev: stop and return views_t
+        views_{t+1} = {I} + crops of the K kept components (each cut from its own view)
+
+Which crops are kept on stop: under ``spatial_entropy`` the views returned are those of
+the round whose entropy did not decrease, i.e. the crops made in the round before it
+(Alg. 1 returns I_t); the K components of that last round are NOT cropped. Under
+``confidence`` the crops of the round that lowered the first token's max probability
+are dropped and the previous view set is returned. Under ``fixed`` exactly N rounds
+crop. Every rule also stops when no view yields a component, or at ``max_rounds``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from egg_eval.backbones.base import Backbone
+from egg_eval.grounding.regions import RegionParams, components, spatial_entropy
+from egg_eval.grounding.saliency import Grounding, token_saliency
+from egg_eval.types import Box, Region, Round, Trace
+
+STOPPING_RULES = ("spatial_entropy", "confidence", "fixed")
+
+
+@dataclass(frozen=True)
+class EggConfig:
+    """Method settings; defaults are the paper's (Sec. 4.3)."""
+
+    objective: str = "entropy"
+    token_index: int = 1
+    layer: int | None = None
+    regions: RegionParams = field(default_factory=RegionParams)
+    stopping: str = "spatial_entropy"
+    n_rounds: int = 1  # for stopping="fixed"
+    max_rounds: int = 15
+
+    def __post_init__(self):
+        if self.stopping not in STOPPING_RULES:
+            raise ValueError(f"unknown stopping rule {self.stopping!r}; choose one of {STOPPING_RULES}")
+        if self.regions.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        if self.max_rounds < 1 or (self.stopping == "fixed" and self.n_rounds < 1):
+            raise ValueError("max_rounds and n_rounds must be >= 1")
+
+
+@dataclass
+class _ViewResult:
+    grounding: Grounding
+    components: list  # regions.Component, view pixels
+    entropy: float
+
+
+class Refiner:
+    """Runs Alg. 1 for one image and question; caches each view's grounding by its box."""
+
+    def __init__(self, backbone: Backbone, image: Image.Image, question: str, config: EggConfig):
+        self.backbone, self.image, self.question, self.config = backbone, image, question, config
+        self.whole = Box.of_image(*image.size)
+        self.cache: dict[tuple, _ViewResult] = {}
+
+    def crop(self, box: Box) -> Image.Image:
+        return self.image if box == self.whole else self.image.crop(tuple(int(v) for v in box.as_list()))
+
+    def ground_view(self, box: Box) -> _ViewResult:
+        key = tuple(box.as_list())
+        if key not in self.cache:
+            c = self.config
+            g = token_saliency(
+                self.backbone,
+                self.crop(box),
+                self.question,
+                objective=c.objective,
+                token_index=c.token_index,
+                layer=c.layer,
+            )
+            bounds = Box(0, 0, box.width, box.height)
+            comps, mask = components(g.map, g.layout.grid_boxes, bounds, c.regions)
+            self.cache[key] = _ViewResult(g, comps, spatial_entropy(mask, c.regions.connectivity))
+        return self.cache[key]
+
+    def run(self) -> Trace:
+        c = self.config
+        trace = Trace(image_size=self.image.size)
+        views = [self.whole]
+        h_prev, conf_prev, prev_views = math.inf, -math.inf, views
+        limit = min(c.n_rounds, c.max_rounds) if c.stopping == "fixed" else c.max_rounds
+        for _ in range(limit):
+            conf = None
+            if c.stopping == "confidence":
+                conf = self.backbone.first_token_max_prob([self.crop(v) for v in views], self.question)
+                if conf < conf_prev:
+                    trace.stop_reason, views = "confidence_fell", prev_views
+                    break
+                conf_prev = conf
+            results = [self.ground_view(v) for v in views]
+            ranked = sorted(
+                (
+                    Region(i, comp.box.shift(v.x0, v.y0), comp.score, comp.n_tokens)
+                    for i, (v, r) in enumerate(zip(views, results))
+                    for comp in r.components
+                ),
+                key=lambda r: -r.score,
+            )
+            selected = ranked[: c.regions.top_k]
+            h_t = results[selected[0].view].entropy if selected else math.inf
+            trace.rounds.append(Round(list(views), ranked, selected, h_t, conf))
+            if not selected:
+                trace.stop_reason = "no_region"
+                break
+            if c.stopping == "spatial_entropy" and h_t >= h_prev:
+                trace.stop_reason = "entropy_rose"
+                break
+            h_prev, prev_views = h_t, views
+            views = [self.whole] + [r.box for r in selected]
+        else:
+            trace.stop_reason = "fixed" if c.stopping == "fixed" else "max_rounds"
+        trace.final_views = views
+        return trace
+
+
+def refine(backbone: Backbone, image: Image.Image, question: str, config: EggConfig | None = None) -> Trace:
+    """Alg. 1 on ``image``: the trace, whose ``final_views`` are the whole image + crops."""
+    return Refiner(backbone, image, question, config or EggConfig()).run()
+
+
+def answer_with_views(backbone: Backbone, image: Image.Image, question: str, views: list[Box]) -> str:
+    """The answer from the whole image + crops, each a real image through the processor."""
+    whole = Box.of_image(*image.size)
+    crops = [image if v == whole else image.crop(tuple(int(x) for x in v.as_list())) for v in views]
+    if backbone.max_images is not None:
+        crops = crops[: backbone.max_images]
+    return backbone.answer(crops, question)
+
+
+def run_egg(
+    backbone: Backbone, image: Image.Image, question: str, config: EggConfig | None = None
+) -> tuple[str, Trace]:
+    """Refine, then answer from the final views. Counters in the trace cover both."""
+    backbone.counters.__init__()
+    t0 = time.perf_counter()
+    trace = refine(backbone, image, question, config)
+    text = answer_with_views(backbone, image, question, trace.final_views)
+    trace.counters = backbone.counters
+    trace.counters.time_ground_s = time.perf_counter() - t0 - trace.counters.time_answer_s
+    return text, trace
+
+
+def run_vanilla(backbone: Backbone, image: Image.Image, question: str) -> tuple[str, Trace]:
+    """The plain model: the whole image alone."""
+    backbone.counters.__init__()
+    text = backbone.answer([image], question)
+    trace = Trace(
+        image_size=image.size,
+        final_views=[Box.of_image(*image.size)],
+        stop_reason="vanilla",
+        counters=backbone.counters,
+    )
+    return text, trace

@@ -1,0 +1,108 @@
+"""Entropy-gradient saliency (paper Sec. 3.2, Eq. 1-4).
+
+    H_t = -sum_y p_t(y) log p_t(y)            (Eq. 1-2, t = ``token_index``)
+    G   = dH_t / dV                            (Eq. 3, V = projected visual tokens)
+    s_i = ||G_i||_2                            (Eq. 4)
+
+Gradients come from ``torch.autograd.grad`` with respect to detached leaves, so no
+parameter ever receives a ``.grad`` and the vision tower builds no graph.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from egg_eval.backbones.base import Backbone, TokenLayout
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of softmax(logits) (Eq. 1)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum()
+
+
+def entropy_top_p(logits: torch.Tensor, p: float = 0.9) -> torch.Tensor:
+    """Entropy over the nucleus: the fewest most-probable tokens whose mass reaches ``p``,
+    renormalised to sum to one. The set is chosen without gradient; the entropy of the
+    renormalised probabilities is differentiable (Tab. 3, 'Entropy Top-P')."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = int(torch.searchsorted(sorted_p.detach().cumsum(0), torch.tensor(p, device=probs.device)).item()) + 1
+    nucleus = probs[order[:keep]]
+    q = nucleus / nucleus.sum()
+    return -(q * torch.log(q.clamp_min(1e-30))).sum()
+
+
+def max_prob(logits: torch.Tensor) -> torch.Tensor:
+    """log of the top-1 probability (Tab. 3, 'Maximum Probability'; ViCrop's pure-grad objective)."""
+    return torch.log_softmax(logits.float(), dim=-1).max()
+
+
+OBJECTIVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "entropy": entropy,
+    "entropy_top_p": entropy_top_p,
+    "max_prob": max_prob,
+}
+
+
+@dataclass
+class Grounding:
+    """The saliency of one view.
+
+    ``scores`` (n_tokens,) per visual token, in token order; ``layout`` places them;
+    ``map`` (R, C) is the map on the layout's grid (global-view tokens folded in);
+    ``first_token_max_prob`` is the model's confidence at the objective's step.
+    """
+
+    scores: np.ndarray
+    layout: TokenLayout
+    map: np.ndarray
+    objective_value: float
+    first_token_max_prob: float
+
+
+def token_saliency(
+    backbone: Backbone,
+    image: Image.Image,
+    question: str,
+    *,
+    objective: str = "entropy",
+    token_index: int = 1,
+    layer: int | None = None,
+) -> Grounding:
+    """Ground one view: the gradient norm of ``objective`` at decoding step ``token_index``
+    (1 = first answer token; t > 1 greedy-unrolls t - 1 tokens first) through the first
+    ``layer`` decoder layers (None = all), with respect to each projected visual token.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
+    if token_index < 1:
+        raise ValueError(f"token_index counts from 1, got {token_index}")
+    t0 = time.perf_counter()
+    enc = backbone.encode([image], question)
+    if token_index > 1:
+        enc = backbone.append_tokens(enc, backbone.greedy_tokens(enc, token_index - 1))
+    leaves = backbone.visual_leaves(enc)
+    with torch.enable_grad():
+        logits = backbone.next_token_logits(enc, leaves, layer=layer)
+        value = OBJECTIVES[objective](logits)
+        grads = torch.autograd.grad(value, leaves)
+    backbone.counters.n_backward += 1
+    scores = torch.cat([g.float().reshape(-1, g.shape[-1]).norm(dim=-1) for g in grads]).cpu().numpy()
+    layout = backbone.token_layout(enc, 0, image.size)
+    if scores.shape[0] != layout.n_tokens:
+        raise RuntimeError(f"{backbone.family}: {scores.shape[0]} visual tokens but layout has {layout.n_tokens}")
+    backbone.counters.time_ground_s += time.perf_counter() - t0
+    return Grounding(
+        scores=scores,
+        layout=layout,
+        map=layout.to_map(scores),
+        objective_value=float(value.detach()),
+        first_token_max_prob=float(torch.softmax(logits.detach(), -1).max()),
+    )
