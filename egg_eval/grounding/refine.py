@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -63,8 +64,16 @@ class _ViewResult:
 class Refiner:
     """Runs Alg. 1 for one image and question; caches each view's grounding by its box."""
 
-    def __init__(self, backbone: Backbone, image: Image.Image, question: str, config: EggConfig):
+    def __init__(
+        self,
+        backbone: Backbone,
+        image: Image.Image,
+        question: str,
+        config: EggConfig,
+        saliency_fn: Callable[..., Grounding] = token_saliency,
+    ):
         self.backbone, self.image, self.question, self.config = backbone, image, question, config
+        self.saliency_fn = saliency_fn
         self.whole = Box.of_image(*image.size)
         self.cache: dict[tuple, _ViewResult] = {}
 
@@ -75,7 +84,7 @@ class Refiner:
         key = tuple(box.as_list())
         if key not in self.cache:
             c = self.config
-            g = token_saliency(
+            g = self.saliency_fn(
                 self.backbone,
                 self.crop(box),
                 self.question,

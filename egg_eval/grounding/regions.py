@@ -59,11 +59,15 @@ def elbow_threshold(values: np.ndarray) -> float | None:
 
 
 def binary_mask(smoothed: np.ndarray) -> np.ndarray | None:
-    """M_i = 1[s~_i >= tau] (Eq. 5), or ``None`` when the map is degenerate."""
+    """M_i = 1[s~_i >= tau] (Eq. 5), or ``None`` when the map is degenerate.
+
+    When the elbow falls on the map's minimum (a background of exactly tied values, e.g.
+    zeros), ``>=`` would select every cell; the background is then excluded (``>``).
+    """
     tau = elbow_threshold(smoothed)
     if tau is None:
         return None
-    return smoothed >= tau
+    return smoothed > tau if tau <= smoothed.min() else smoothed >= tau
 
 
 def fit_box(box: Box, bounds: Box, max_aspect: float, min_size: float) -> Box:

@@ -1,0 +1,164 @@
+"""Alg. 1 and its stopping rules on scripted saliency sequences, then on the real tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import noise_image
+
+from egg_eval.backbones.base import TokenLayout, cell_boxes
+from egg_eval.grounding.refine import EggConfig, Refiner, run_egg, run_vanilla
+from egg_eval.grounding.regions import RegionParams
+from egg_eval.grounding.saliency import Grounding
+from egg_eval.types import Box, Counters
+
+EXACT = RegionParams(sigma=0.0, top_k=2, min_size=0.0, max_aspect=3.0)
+
+
+def blobs(*specs) -> np.ndarray:
+    """An 8x8 map with blobs given as (row, col, n_cells_horizontal, value_per_cell)."""
+    m = np.zeros((8, 8))
+    for r, c, n, v in specs:
+        m[r, c : c + n] = v
+    return m
+
+
+class Script:
+    """Returns scripted maps in call order; records the sizes of the views it was asked about."""
+
+    def __init__(self, maps):
+        self.maps, self.calls = list(maps), []
+
+    def __call__(self, backbone, image, question, **kw):
+        self.calls.append(image.size)
+        m = self.maps.pop(0)
+        w, h = image.size
+        layout = TokenLayout(
+            grid=np.arange(64).reshape(8, 8),
+            grid_boxes=cell_boxes(8, 8, w / 8, h / 8).reshape(8, 8, 4),
+            global_index=np.zeros(0, int),
+            global_boxes=np.zeros((0, 4)),
+            n_tokens=64,
+        )
+        return Grounding(m.ravel(), layout, m, 0.0, 0.0)
+
+
+class FakeBackbone:
+    def __init__(self, confidences=()):
+        self.counters = Counters()
+        self.conf = list(confidences)
+
+    def first_token_max_prob(self, images, question):
+        return self.conf.pop(0)
+
+
+IMG = noise_image(160, 160)
+TWO = blobs((1, 1, 2, 5.0), (6, 5, 2, 2.5))  # two components: scores 10 and 5, sizes 2 and 2 -> H = ln 2
+ONE = blobs((3, 3, 2, 10.0))  # one component, score 20 -> H = 0
+
+
+def refiner(maps, stopping="spatial_entropy", **kw):
+    script = Script(maps)
+    cfg = EggConfig(regions=EXACT, stopping=stopping, **kw)
+    return Refiner(FakeBackbone(kw.pop("conf", ())), IMG, "q", cfg, saliency_fn=script), script
+
+
+def test_spatial_entropy_stops_when_entropy_no_longer_decreases():
+    # round 0: whole -> H=ln2 ; round 1: crops A (one blob, score 20 -> top, H=0) and B ;
+    # round 2: views = whole, crop of A, and A again (the whole image's best blob): A is
+    # taken from the cache, still the top (20) with H=0 >= 0 -> stop, keep round 2's views
+    r, script = refiner([TWO, ONE, TWO, TWO, TWO])
+    trace = r.run()
+    assert [round(x.spatial_entropy, 6) for x in trace.rounds] == [round(math.log(2), 6), 0.0, 0.0]
+    assert trace.stop_reason == "entropy_rose"
+    assert trace.final_views == trace.rounds[2].views  # Alg. 1 returns I_t
+    assert trace.rounds[2].views[2] == trace.rounds[1].views[1]
+    assert len(script.calls) == 4  # whole, A, B, crop of A: nothing grounded twice
+    whole = Box(0, 0, 160, 160)
+    assert trace.final_views[0] == whole and len(trace.final_views) == 3
+    # round 1's best region came from crop A (view 1), and crops of crops stay inside their view
+    best = trace.rounds[1].selected[0]
+    assert best.view == 1 and trace.rounds[1].views[1].contains(best.box)
+    assert trace.final_views[1] == best.box
+
+
+def test_top_k_across_views_uses_eq6_scores():
+    r, _ = refiner([TWO, ONE, TWO, TWO, TWO])
+    trace = r.run()
+    first = trace.rounds[0]
+    assert [x.score for x in first.regions] == [10.0, 5.0]
+    assert first.regions[0].box == Box(20, 20, 60, 40)  # cells (1,1)-(1,2) of 20 px, within aspect 3
+    second = trace.rounds[1]
+    assert [x.score for x in second.selected] == [20.0, 10.0]  # crop A's blob beats the whole image's
+    assert [x.view for x in second.selected] == [1, 0]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_fixed_runs_exactly_n_rounds(n):
+    r, _ = refiner([TWO] * 20, stopping="fixed", n_rounds=n)
+    trace = r.run()
+    assert len(trace.rounds) == n and trace.stop_reason == "fixed"
+    assert trace.final_views == [Box(0, 0, 160, 160)] + [x.box for x in trace.rounds[-1].selected]
+
+
+def test_confidence_stops_when_max_prob_falls_and_drops_those_crops():
+    script = Script([TWO] * 20)
+    cfg = EggConfig(regions=EXACT, stopping="confidence")
+    trace = Refiner(FakeBackbone([0.3, 0.5, 0.4]), IMG, "q", cfg, saliency_fn=script).run()
+    assert trace.stop_reason == "confidence_fell"
+    assert [x.confidence for x in trace.rounds] == [0.3, 0.5]
+    assert trace.final_views == trace.rounds[1].views
+
+
+def test_max_rounds_caps_every_rule():
+    r, _ = refiner([TWO, ONE, TWO], max_rounds=2)
+    trace = r.run()
+    assert trace.stop_reason == "max_rounds" and len(trace.rounds) == 2
+    assert trace.final_views == [Box(0, 0, 160, 160)] + [x.box for x in trace.rounds[1].selected]
+
+
+def test_flat_map_stops_with_the_whole_image():
+    r, _ = refiner([np.zeros((8, 8))])
+    trace = r.run()
+    assert trace.stop_reason == "no_region" and trace.final_views == [Box(0, 0, 160, 160)]
+    assert math.isinf(trace.rounds[0].spatial_entropy)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown stopping rule"):
+        EggConfig(stopping="sometimes")
+    with pytest.raises(ValueError, match="top_k"):
+        EggConfig(regions=RegionParams(top_k=0))
+
+
+@pytest.mark.parametrize("size", [(300, 170), (150, 260)])
+def test_trace_on_real_tiny_models_stays_in_bounds(tiny_backbones, family, size):
+    bb = tiny_backbones[family]
+    img = noise_image(*size, seed=11)
+    text, trace = run_egg(bb, img, "What is the digit in the red square?", EggConfig(max_rounds=4))
+    assert isinstance(text, str)
+    w, h = size
+    whole = Box(0, 0, w, h)
+    assert trace.rounds and trace.stop_reason in {"entropy_rose", "max_rounds", "no_region"}
+    for rnd in trace.rounds:
+        assert rnd.views[0] == whole
+        for v in rnd.views:
+            assert whole.contains(v) and v.area > 0
+        for reg in rnd.regions:
+            assert rnd.views[reg.view].contains(reg.box) and reg.box.area > 0 and reg.score > 0
+    c = trace.counters
+    assert c.n_backward == len({tuple(v.as_list()) for r in trace.rounds for v in r.views})
+    assert c.n_forward >= c.n_backward + 1 and c.time_ground_s > 0 and c.time_answer_s > 0
+    d = json.loads(json.dumps(trace.to_dict()))
+    assert d["final_views"][0] == [0, 0, w, h]
+
+
+def test_vanilla_answers_from_the_whole_image(tiny_backbones):
+    bb = tiny_backbones["llava15"]
+    img = noise_image(120, 90)
+    text, trace = run_vanilla(bb, img, "q")
+    assert trace.final_views == [Box(0, 0, 120, 90)] and trace.counters.n_backward == 0
+    assert text == bb.answer([img], "q")

@@ -1,0 +1,122 @@
+"""Saliency equals an independent autograd computation through ``inputs_embeds``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import noise_image
+
+from egg_eval.backbones.base import capture_layer_output
+from egg_eval.grounding.saliency import entropy, entropy_top_p, max_prob, token_saliency
+
+Q = "What is the digit in the red square?"
+
+
+def reference_scores(bb, image, *, layer=None, objective=entropy, token_index=1):
+    """Splice the visual features into inputs_embeds by hand and differentiate there."""
+    model = bb.model
+    enc = bb.encode([image], Q)
+    with torch.no_grad():
+        feats = bb._image_features(enc)
+    ids = enc["input_ids"]
+    mask = ids == model.config.image_token_id
+    v = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).detach().requires_grad_(True)
+
+    def logits_for(ids, v, layer):
+        emb = model.get_input_embeddings()(ids)
+        m = ids == model.config.image_token_id
+        emb = emb.masked_scatter(m[..., None].expand_as(emb), v)
+        out = model(inputs_embeds=emb, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+        if layer is None:
+            return out.logits[0, -1]
+        h = out.hidden_states[layer][:, -1]  # output of decoder layer `layer`
+        return model.lm_head(model.model.language_model.norm(h))[0]
+
+    for _ in range(token_index - 1):  # greedy unroll
+        with torch.no_grad():
+            nxt = logits_for(ids, v.detach(), None).argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    assert int(mask.sum()) == v.shape[0]
+    value = objective(logits_for(ids, v, layer).float())
+    (g,) = torch.autograd.grad(value, v)
+    return g.norm(dim=-1).numpy()
+
+
+@pytest.mark.parametrize("fam", ["llava15", "internvl35"])
+def test_saliency_matches_inputs_embeds_autograd(tiny_backbones, fam):
+    bb = tiny_backbones[fam]
+    img = noise_image(200, 130, seed=5)
+    ours = token_saliency(bb, img, Q).scores
+    ref = reference_scores(bb, img)
+    assert ref.std() > 0
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-9)
+
+
+def test_logit_lens_layer_matches_hidden_states(tiny_backbones):
+    bb = tiny_backbones["llava15"]
+    img = noise_image(150, 200, seed=6)
+    ours = token_saliency(bb, img, Q, layer=1).scores
+    ref = reference_scores(bb, img, layer=1)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-9)
+    assert not np.allclose(ours, token_saliency(bb, img, Q).scores)
+
+
+def test_token_index_two_unrolls_one_greedy_token(tiny_backbones):
+    bb = tiny_backbones["llava15"]
+    img = noise_image(160, 160, seed=7)
+    ours = token_saliency(bb, img, Q, token_index=2).scores
+    ref = reference_scores(bb, img, token_index=2)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-9)
+
+
+def test_objectives_by_hand():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    h = -sum(p * math.log(p) for p in [0.5, 0.3, 0.15, 0.05])
+    assert float(entropy(logits)) == pytest.approx(h, rel=1e-6)
+    # nucleus at 0.9: {0.5, 0.3, 0.15} (0.95 >= 0.9), renormalised
+    q = np.array([0.5, 0.3, 0.15]) / 0.95
+    assert float(entropy_top_p(logits, 0.9)) == pytest.approx(-(q * np.log(q)).sum(), rel=1e-6)
+    # nucleus at 0.5: the top token alone -> entropy 0
+    assert float(entropy_top_p(logits, 0.5)) == pytest.approx(0.0, abs=1e-7)
+    assert float(max_prob(logits)) == pytest.approx(math.log(0.5), rel=1e-6)
+
+
+def test_objectives_give_different_maps_and_no_parameter_grads(tiny_backbones, family):
+    bb = tiny_backbones[family]
+    img = noise_image(180, 120, seed=8)
+    maps = {o: token_saliency(bb, img, Q, objective=o).scores for o in ("entropy", "entropy_top_p", "max_prob")}
+    for s in maps.values():
+        assert np.isfinite(s).all() and s.max() > 0
+    assert not np.allclose(maps["entropy"], maps["max_prob"])
+    assert all(p.grad is None and not p.requires_grad for p in bb.model.parameters())
+
+
+def test_no_hook_left_after_success_or_exception(tiny_backbones):
+    bb = tiny_backbones["qwen25vl"]
+    img = noise_image(120, 90)
+    layers = bb.decoder_layers
+
+    def n_hooks():
+        return sum(len(m._forward_hooks) for m in bb.model.modules())
+
+    before = n_hooks()
+    token_saliency(bb, img, Q, layer=1)
+    assert n_hooks() == before
+    with pytest.raises(RuntimeError, match="boom"), capture_layer_output(layers[0]):
+        raise RuntimeError("boom")
+    assert n_hooks() == before
+    with pytest.raises(ValueError, match="layer must be"):
+        token_saliency(bb, img, Q, layer=99)
+    assert n_hooks() == before
+
+
+def test_bad_arguments_are_clear(tiny_backbones):
+    bb = tiny_backbones["llava15"]
+    img = noise_image(64, 64)
+    with pytest.raises(ValueError, match="unknown objective"):
+        token_saliency(bb, img, Q, objective="kl")
+    with pytest.raises(ValueError, match="counts from 1"):
+        token_saliency(bb, img, Q, token_index=0)
