@@ -1,0 +1,119 @@
+"""Metrics on tables of tricky cases, each value worked out from the official definitions."""
+
+from __future__ import annotations
+
+import pytest
+
+from egg_eval.metrics import anls, box_iou, exact_match, multiple_choice, normalize_vqa_answer, pope, vqa_accuracy
+
+TEN = ["two"] * 3 + ["2"] * 2 + ["the 2"] + ["three"] * 4
+
+
+@pytest.mark.parametrize(
+    ("pred", "norm"),
+    [
+        ("Two", "2"),
+        ("the cat.", "cat"),
+        ("5.", "5"),
+        ("5.5", "5.5"),
+        ("  Coca-Cola!  ", "coca cola"),
+        ("dont", "don't"),
+        ("1,000", "1000"),
+        ("an apple", "apple"),
+        ("yes\n", "yes"),
+        ("man's hat", "man 's hat"),
+    ],
+)
+def test_vqa_normalisation(pred, norm):
+    assert normalize_vqa_answer(pred) == norm
+
+
+@pytest.mark.parametrize(
+    ("pred", "answers", "acc"),
+    [
+        ("2", TEN, 1.0),  # 6 matching after normalisation
+        ("Three.", TEN, 1.0),  # 4 matches: every leave-one-out subset still has >= 3
+        ("four", TEN, 0.0),
+        ("cat", ["cat", "cat"] + ["dog"] * 8, (2 * (1 / 3) + 8 * (2 / 3)) / 10),
+        ("cat", ["cat"] * 3 + ["dog"] * 7, (3 * (2 / 3) + 7 * 1.0) / 10),
+        ("", ["a"] * 10, 1.0),  # "a" normalises to "" (an article)
+    ],
+)
+def test_vqa_accuracy(pred, answers, acc):
+    assert vqa_accuracy(pred, answers) == pytest.approx(acc)
+
+
+@pytest.mark.parametrize(
+    ("pred", "answers", "score"),
+    [
+        ("Hello World", ["hello  world"], 1.0),
+        ("helo world", ["hello world"], 1 - 1 / 11),
+        ("abc", ["xyz"], 0.0),
+        ("abcd", ["abxy"], 0.0),  # NL = 0.5 is not < 0.5
+        ("abcde", ["abxde"], 0.8),
+        ("12", ["twelve", "12 "], 1.0),  # best over answers
+        ("", ["x"], 0.0),
+    ],
+)
+def test_anls(pred, answers, score):
+    assert anls(pred, answers) == pytest.approx(score)
+
+
+OPTS = ["cat", "dog", "a red car", "blue"]
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold", "ok"),
+    [
+        ("B", "B", 1.0),
+        ("(B)", "B", 1.0),
+        ("B.", "B", 1.0),
+        ("b", "B", 1.0),
+        ("Answer: B", "B", 1.0),  # lmms-eval reads this as A
+        ("The answer is (C).", "C", 1.0),
+        ("B. dog", "B", 1.0),
+        ("(D) blue", "D", 1.0),
+        ("dog", "B", 1.0),  # the option text itself
+        ("A red car", "C", 1.0),  # starts with the article "A" but is option C's text
+        ("I think it is a red car", "C", 1.0),
+        ("The correct option is D", "D", 1.0),
+        ("Z", "B", 0.0),
+        ("I don't know", "A", 0.0),
+        ("A or B", "A", 0.0),  # two letters: unparseable, not a lucky guess
+        ("", "A", 0.0),
+    ],
+)
+def test_multiple_choice(pred, gold, ok):
+    assert multiple_choice(pred, OPTS, gold) == ok
+
+
+def test_multiple_choice_with_letters_and_text_answer():
+    assert multiple_choice("(C)", ["A", "B", "C", "D"], "C") == 1.0
+    assert multiple_choice("C", OPTS, "a red car") == 1.0
+    with pytest.raises(ValueError):
+        multiple_choice("C", OPTS, "a tree")
+
+
+def test_pope_counts_and_yes_ratio_of_predictions():
+    preds = ["Yes, there is a dog.", "No.", "There is not a cat", "yes", "No, none.", "Yes"]
+    labels = ["yes", "no", "yes", "no", "no", "yes"]
+    m = pope(preds, labels)
+    # parsed: yes no no yes no yes ; tp=2 fp=1 tn=2 fn=1
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert m["yes_ratio"] == pytest.approx(3 / 6)  # predictions, not ground truth (3/6 too here)
+    assert pope(["yes"] * 4, ["no"] * 4)["yes_ratio"] == 1.0
+
+
+@pytest.mark.parametrize(("p", "a", "ok"), [("Yes.", "yes", 1), ("left ", "left", 1), ("the table", "table", 0)])
+def test_exact_match(p, a, ok):
+    assert exact_match(p, a) == ok
+
+
+def test_box_iou():
+    assert box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    assert box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
+    assert box_iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0
