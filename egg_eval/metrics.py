@@ -144,7 +144,8 @@ def parse_choice(prediction: str, options: Sequence[str] | None = None, letters:
         if letter in letters:
             return letter
     if options:
-        hits = {letter for letter, opt in zip(letters, options) if _mc_norm(opt) and f" {_mc_norm(opt)} " in f" {norm} "}
+        padded = f" {norm} "
+        hits = {lt for lt, opt in zip(letters, options) if _mc_norm(opt) and f" {_mc_norm(opt)} " in padded}
         if len(hits) == 1:
             return hits.pop()
     found = {x for x in re.findall(r"(?<![\w'])([A-Z])(?![\w'])", text) if x in letters and x != "I"}
