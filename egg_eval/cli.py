@@ -1,0 +1,155 @@
+"""``python -m egg_eval backbone=qwen25vl dataset=docvqa`` — Hydra composes configs/eval.yaml."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+log = logging.getLogger("egg_eval")
+
+
+def run_id(cfg: DictConfig) -> str:
+    """A stable folder name from the settings that change results (the key for resume)."""
+    m, s = cfg.method, cfg.stopping
+    if m.name == "vanilla":
+        return "vanilla"
+    layer = "last" if m.layer is None else m.layer
+    stop = s.name if s.get("n") is None else f"{s.name}{s.n}"
+    return f"egg_{m.objective}_k{m.top_k}_L{layer}_t{m.token_index}_s{m.sigma}_{stop}"
+
+
+def build(cfg: DictConfig):
+    """Backbone, spec, samples and the method callable from a composed config."""
+    import torch
+
+    from egg_eval.backbones import load_backbone
+    from egg_eval.backbones.tiny import save_tiny
+    from egg_eval.data.benchmarks import BenchmarkSpec, iter_samples
+    from egg_eval.data.toy import write_toy_subset
+    from egg_eval.grounding.refine import EggConfig, run_egg, run_vanilla
+    from egg_eval.grounding.regions import RegionParams
+
+    torch.manual_seed(cfg.seed)
+    b = cfg.backbone
+    path = b.path
+    if b.get("tiny"):
+        path = Path(cfg.cache_dir) / f"tiny_{b.family}"
+        if not (path / "config.json").exists():
+            save_tiny(b.family, path, seed=cfg.seed)
+    backbone = load_backbone(
+        b.family,
+        str(path) if path else None,
+        dtype=b.dtype,
+        device=b.device,
+        revision=b.get("revision"),
+        max_new_tokens=b.max_new_tokens,
+        name=b.name,
+    )
+    d = cfg.dataset
+    spec = BenchmarkSpec(
+        name=d.name,
+        hf_id=d.hf_id,
+        split=d.split,
+        metric=d.metric,
+        kind=d.kind,
+        config_name=d.get("config_name"),
+        revision=d.get("revision"),
+        columns=dict(d.get("columns") or {}),
+        splits=tuple(d.get("splits") or ()),
+        images_id=d.get("images_id"),
+        images_config=d.get("images_config"),
+        images_split=d.get("images_split"),
+        submission=d.get("submission"),
+        bbox_format=d.get("bbox_format", "xyxy"),
+    )
+    data_path = d.get("path")
+    if d.get("toy"):
+        data_path = Path(cfg.cache_dir) / "toy" / d.toy
+        if not data_path.exists():
+            write_toy_subset(d.toy, data_path)
+    samples = iter_samples(spec, split=d.split, path=str(data_path) if data_path else None, limit=d.get("limit"))
+    m = cfg.method
+    if m.name == "vanilla":
+
+        def method(image, text):
+            return run_vanilla(backbone, image, text)
+    else:
+        s = cfg.stopping
+        egg = EggConfig(
+            objective=m.objective,
+            token_index=m.token_index,
+            layer=m.layer,
+            regions=RegionParams(sigma=m.sigma, top_k=m.top_k, max_aspect=m.max_aspect, min_size=m.min_size),
+            stopping=s.name,
+            n_rounds=s.get("n") or 1,
+            max_rounds=m.max_rounds,
+        )
+
+        def method(image, text):
+            return run_egg(backbone, image, text, egg)
+
+    return backbone, spec, samples, method
+
+
+def main(cfg: DictConfig) -> dict:
+    from egg_eval.loggers import WandbLogger
+    from egg_eval.runner import RunInfo, run
+
+    backbone, spec, samples, method = build(cfg)
+    default_out = Path(cfg.output_root) / "runs" / spec.name / backbone.name / run_id(cfg)
+    out = Path(cfg.output_dir) if cfg.output_dir else default_out
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    loggers = []
+    if cfg.logger.name == "wandb":
+        loggers.append(
+            WandbLogger(
+                cfg.logger.project,
+                resolved,
+                name=f"{spec.name}/{backbone.name}/{run_id(cfg)}",
+                mode=cfg.logger.get("mode"),
+                entity=cfg.logger.get("entity"),
+            )
+        )
+    info = RunInfo(
+        output_dir=out,
+        spec=spec,
+        method=cfg.method.name,
+        backbone=backbone.name,
+        tables_dir=Path(cfg.output_root) / "tables",
+        config=resolved,
+        seed=cfg.seed,
+        model_revision=backbone.revision,
+        progress=cfg.progress,
+    )
+    summary = run(samples, method, info, loggers)
+    log.info(
+        "%s %s %s: %s = %s over %d samples (%d failures) -> %s",
+        spec.name,
+        backbone.name,
+        cfg.method.name,
+        spec.metric,
+        summary.get("score"),
+        summary["n_samples"],
+        summary["n_failures"],
+        out,
+    )
+    print(
+        f"{spec.name} | {backbone.name} | {run_id(cfg)} | {spec.metric} = {summary.get('score')} "
+        f"| samples {summary['n_samples']} | failures {summary['n_failures']} | "
+        f"{summary.get('mean_time_s', 0):.2f} s/sample | {out}"
+    )
+    return summary
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    main(cfg)

@@ -1,0 +1,189 @@
+"""Benchmarks as data: where to stream them from, which columns mean what, how to prompt
+and how to score. Rows are streamed (``datasets``, ``streaming=True``); images are
+decoded here, one at a time, so a corrupt image becomes a per-sample error instead of
+stopping the stream.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
+
+OPEN_SUFFIX = "Answer the question using a single word or phrase."
+MC_SUFFIX = "Answer with the option's letter from the given choices directly."
+KINDS = ("open", "mc", "pope")
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """One benchmark. ``columns`` maps our names (id, image, question, answers, options,
+    bbox, category) to the dataset's; ``metric`` is one of vqa_accuracy, anls,
+    multiple_choice, pope, exact_match; ``splits`` lists sub-splits scored separately and
+    averaged (POPE's adversarial / popular / random)."""
+
+    name: str
+    hf_id: str
+    split: str
+    metric: str
+    kind: str = "open"
+    config_name: str | None = None
+    revision: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    splits: tuple[str, ...] = ()
+    images_id: str | None = None  # GQA: questions and images are two configs joined on imageId
+    images_config: str | None = None
+    images_split: str | None = None
+    submission: str | None = None  # evalai | rrc | gqa
+    bbox_format: str = "xyxy"  # or "xywh"
+
+
+@dataclass
+class Sample:
+    id: str
+    question: str
+    image: Image.Image | None
+    answers: list[str]
+    options: list[str] | None = None
+    bbox: list[list[float]] | None = None  # ground-truth evidence boxes, [x0, y0, x1, y1] px
+    subset: str | None = None
+    error: str | None = None
+
+
+def decode_image(value: Any) -> Image.Image:
+    """PIL image from a datasets Image value (decoded or ``{'bytes', 'path'}``), RGB, EXIF-upright."""
+    if isinstance(value, Image.Image):
+        img = value
+    elif isinstance(value, dict) and value.get("bytes") is not None:
+        img = Image.open(io.BytesIO(value["bytes"]))
+    elif isinstance(value, dict) and value.get("path"):
+        img = Image.open(value["path"])
+    elif isinstance(value, (bytes, bytearray)):
+        img = Image.open(io.BytesIO(value))
+    else:
+        raise ValueError(f"no image in value of type {type(value).__name__}")
+    img.load()  # raises here on truncated or corrupt data
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "I;16" or img.mode == "I":
+        img = img.point(lambda v: v / 256).convert("L")
+    img = img.convert("RGB")
+    if min(img.size) < 1:
+        raise ValueError(f"empty image {img.size}")
+    return img
+
+
+def prompt_for(sample: Sample, kind: str) -> str:
+    """The paper's Appendix G prompts (the chat template is applied by the backbone)."""
+    q = sample.question.strip()
+    if kind == "mc":
+        if sample.options and not re.search(r"\(A\)", q):
+            q += "\n" + "\n".join(f"({chr(65 + i)}) {o}" for i, o in enumerate(sample.options))
+        return f"{q}\n{MC_SUFFIX}" if MC_SUFFIX.lower() not in q.lower() else q
+    return f"{q}\n{OPEN_SUFFIX}"
+
+
+def _open_stream(source: str, config: str | None, split: str, revision: str | None, path: str | None):
+    from datasets import Image as ImageFeature  # noqa: F401  (imported for side effects of features)
+    from datasets import load_dataset, load_from_disk
+
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"dataset.path {path} does not exist")
+        if p.is_dir() and (p / split).is_dir() and any((p / split).glob("*.arrow")):
+            return load_from_disk(str(p / split)).to_iterable_dataset()
+        if p.is_dir() and (p / "dataset_info.json").exists():
+            return load_from_disk(str(p)).to_iterable_dataset()
+        files = sorted(p.glob(f"{split}*.parquet")) if p.is_dir() else [p]
+        if not files:
+            raise FileNotFoundError(f"no {split}*.parquet under {path}")
+        return load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
+    return load_dataset(source, config, split=split, revision=revision, streaming=True)
+
+
+def _no_decode(ds, column: str):
+    from datasets import Image as ImageFeature
+
+    features = getattr(ds, "features", None)
+    if features is not None and column in features and isinstance(features[column], ImageFeature):
+        return ds.cast_column(column, ImageFeature(decode=False))
+    return ds
+
+
+def _col(row: dict, spec: BenchmarkSpec, key: str, required: bool = True):
+    name = spec.columns.get(key, key)
+    if name not in row:
+        if required:
+            raise KeyError(f"{spec.name}: column {name!r} (for {key}) missing; the rows have {sorted(row)}")
+        return None
+    return row[name]
+
+
+def _as_list(v) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, (list, tuple)):
+        return [str(x) for x in v]
+    return [str(v)]
+
+
+def iter_samples(
+    spec: BenchmarkSpec, *, split: str | None = None, path: str | None = None, limit: int | None = None
+) -> Iterator[Sample]:
+    """Stream ``Sample``s; POPE-style specs chain their sub-splits, each sample tagged with it."""
+    split = split or spec.split
+    subsets = spec.splits or (None,)
+    for subset in subsets:
+        ds = _no_decode(
+            _open_stream(spec.hf_id, spec.config_name, subset or split, spec.revision, path),
+            spec.columns.get("image", "image"),
+        )
+        images = _gqa_images(spec, split, path) if spec.images_id or spec.images_split else None
+        for count, row in enumerate(ds, start=1):
+            if limit is not None and count > limit:
+                break
+            if spec.columns.get("id") == "__index__":
+                row = {**row, "__index__": count - 1}
+            yield _to_sample(row, spec, subset, images)
+
+
+def _gqa_images(spec: BenchmarkSpec, split: str, path: str | None) -> dict[str, Any]:
+    images_split = spec.images_split or split
+    ds = _open_stream(spec.images_id or spec.hf_id, spec.images_config, images_split, spec.revision, path)
+    ds = _no_decode(ds, "image")
+    return {str(r["id"]): r["image"] for r in ds}
+
+
+def _xyxy(b, fmt: str) -> list[float]:
+    x0, y0, a, b_ = (float(v) for v in b)
+    return [x0, y0, x0 + a, y0 + b_] if fmt == "xywh" else [x0, y0, a, b_]
+
+
+def _to_sample(row: dict, spec: BenchmarkSpec, subset: str | None, images: dict | None) -> Sample:
+    sid = str(_col(row, spec, "id"))
+    question = _col(row, spec, "question")
+    answers = _as_list(_col(row, spec, "answers", required=False))
+    options = _col(row, spec, "options", required=False)
+    bbox = _col(row, spec, "bbox", required=False)
+    sample = Sample(
+        id=sid if subset is None else f"{subset}/{sid}",
+        question=str(question or ""),
+        image=None,
+        answers=answers,
+        options=list(options) if options else None,
+        bbox=[_xyxy(b, spec.bbox_format) for b in bbox] if bbox else None,
+        subset=subset,
+    )
+    try:
+        if not sample.question.strip():
+            raise ValueError("empty question")
+        raw = images[str(_col(row, spec, "image_id"))] if images is not None else _col(row, spec, "image")
+        sample.image = decode_image(raw)
+    except Exception as e:  # recorded per sample; the stream goes on
+        sample.error = f"{type(e).__name__}: {e}"
+    return sample

@@ -1,0 +1,315 @@
+"""Stream samples through a method, score them, and write every output of a run.
+
+``records.jsonl`` is the source of truth: one line per sample, appended, flushed and
+fsynced as soon as the sample is done. A rerun with the same ``output_dir`` skips the ids
+already there (a torn last line from a killed run is cut off first), and every aggregate
+is recomputed from the file, so a resumed run ends with the metrics of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from egg_eval import metrics as M
+from egg_eval.data.benchmarks import BenchmarkSpec, Sample, prompt_for
+from egg_eval.types import Trace
+
+
+@dataclass
+class RunInfo:
+    output_dir: Path
+    spec: BenchmarkSpec
+    method: str
+    backbone: str
+    tables_dir: Path | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    model_revision: str | None = None
+    progress: bool = True
+
+
+# --------------------------------------------------------------------- records
+def read_records(path: Path) -> list[dict]:
+    """Complete records of ``path``; a torn last line (killed mid-write) is cut off the file."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    if cut < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+    out = []
+    for line in data[:cut].splitlines():
+        if line.strip():
+            out.append(json.loads(line))
+    return out
+
+
+def _letters_of(sample: Sample) -> list[str]:
+    if sample.options:
+        return [chr(65 + i) for i in range(len(sample.options))]
+    found = []
+    for m in __import__("re").finditer(r"(?m)^\s*\(?([A-J])[).]\s", sample.question):
+        found.append(m.group(1))
+    return found or list("ABCD")
+
+
+def score_sample(spec: BenchmarkSpec, sample: Sample, prediction: str | None) -> dict[str, float | None]:
+    """Per-sample metric values (None where the split has no public answers)."""
+    if prediction is None or not sample.answers:
+        return {spec.metric: None}
+    if spec.metric == "vqa_accuracy":
+        return {"vqa_accuracy": M.vqa_accuracy(prediction, sample.answers)}
+    if spec.metric == "anls":
+        return {"anls": M.anls(prediction, sample.answers)}
+    if spec.metric == "multiple_choice":
+        return {
+            "multiple_choice": M.multiple_choice(prediction, sample.options or _letters_of(sample), sample.answers[0])
+        }
+    if spec.metric == "pope":
+        return {"pope": float(M.pope_parse(prediction) == sample.answers[0].strip().lower())}
+    if spec.metric == "exact_match":
+        return {"exact_match": M.exact_match(prediction, sample.answers[0])}
+    raise ValueError(f"unknown metric {spec.metric!r}")
+
+
+def localisation(sample: Sample, trace: Trace | None) -> dict[str, float | None]:
+    """IoU of the top region (the first crop the answer saw) with the best-matching ground-truth
+    box, and a hit when that box's centre lies inside the region."""
+    if not sample.bbox or trace is None or len(trace.final_views) < 2:
+        return {}
+    top = trace.final_views[1].as_list()
+    ious = [M.box_iou(top, b) for b in sample.bbox]
+    best = sample.bbox[max(range(len(ious)), key=ious.__getitem__)]
+    cx, cy = (best[0] + best[2]) / 2, (best[1] + best[3]) / 2
+    return {"iou": max(ious), "hit": float(top[0] <= cx <= top[2] and top[1] <= cy <= top[3])}
+
+
+def make_record(
+    sample: Sample, prediction, trace: Trace | None, error: str | None, spec: BenchmarkSpec, elapsed: float
+) -> dict:
+    t = trace.to_dict() if trace is not None else {}
+    return {
+        "id": sample.id,
+        "subset": sample.subset,
+        "question": sample.question,
+        "prediction": prediction,
+        "answers": sample.answers,
+        "metrics": score_sample(spec, sample, prediction)
+        if error is None
+        else {spec.metric: 0.0 if sample.answers else None},
+        "localisation": localisation(sample, trace) if error is None else {},
+        "rounds": t.get("rounds", []),
+        "final_views": t.get("final_views", []),
+        "stop_reason": t.get("stop_reason"),
+        "n_forward": t.get("n_forward", 0),
+        "n_backward": t.get("n_backward", 0),
+        "time_ground_s": t.get("time_ground_s", 0.0),
+        "time_answer_s": t.get("time_answer_s", 0.0),
+        "time_s": elapsed,
+        "error": error,
+    }
+
+
+# ------------------------------------------------------------------- aggregate
+def aggregate(records: list[dict], spec: BenchmarkSpec) -> dict[str, Any]:
+    """Headline metrics of a run from its records (failures count as wrong where scored)."""
+    out: dict[str, Any] = {"n_samples": len(records), "n_failures": sum(r["error"] is not None for r in records)}
+    scored = [r for r in records if r["metrics"].get(spec.metric) is not None]
+    out["n_scored"] = len(scored)
+    if spec.metric == "pope" and scored:
+        per = {}
+        for sub in sorted({r["subset"] for r in scored}):
+            rs = [r for r in scored if r["subset"] == sub]
+            per[sub] = M.pope([r["prediction"] or "" for r in rs], [r["answers"][0] for r in rs])
+        out["pope_splits"] = per
+        for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+            out[f"pope_{k}"] = sum(p[k] for p in per.values()) / len(per)
+        out["score"] = out["pope_accuracy"]
+    elif scored:
+        out["score"] = sum(r["metrics"][spec.metric] for r in scored) / len(scored)
+    else:
+        out["score"] = None
+    locs = [r["localisation"] for r in records if r.get("localisation")]
+    if locs:
+        out["mean_iou"] = sum(x["iou"] for x in locs) / len(locs)
+        out["hit_rate"] = sum(x["hit"] for x in locs) / len(locs)
+    ok = [r for r in records if r["error"] is None]
+    if ok:
+        out["mean_time_s"] = sum(r["time_s"] for r in ok) / len(ok)
+        out["mean_forward"] = sum(r["n_forward"] for r in ok) / len(ok)
+        out["mean_backward"] = sum(r["n_backward"] for r in ok) / len(ok)
+    return out
+
+
+# ----------------------------------------------------------------- submission
+def write_submission(records: list[dict], spec: BenchmarkSpec, out_dir: Path) -> Path | None:
+    """Predictions in the official server's format (also for splits without answers)."""
+
+    def pred(r):
+        return r["prediction"] if r["prediction"] is not None else ""
+
+    if spec.submission == "evalai":  # TextVQA
+        rows = [{"question_id": int(r["id"]) if r["id"].isdigit() else r["id"], "answer": pred(r)} for r in records]
+    elif spec.submission == "rrc":  # DocVQA, InfographicVQA
+        rows = [{"questionId": int(r["id"]) if r["id"].isdigit() else r["id"], "answer": pred(r)} for r in records]
+    elif spec.submission == "gqa":
+        rows = [{"questionId": r["id"], "prediction": pred(r)} for r in records]
+    else:
+        return None
+    path = out_dir / f"submission_{spec.submission}.json"
+    path.write_text(json.dumps(rows, indent=1))
+    return path
+
+
+def _git_revision() -> str | None:
+    try:
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or None
+        )
+    except Exception:
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "datasets", "hydra-core", "egg_eval"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+def append_table_row(tables_dir: Path, info: RunInfo, summary: dict) -> Path:
+    """One row per finished run in ``tables_dir/<dataset>.csv`` (header written once)."""
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    path = tables_dir / f"{info.spec.name}.csv"
+    cfg = info.config
+    method = cfg.get("method", {})
+    row = {
+        "dataset": info.spec.name,
+        "backbone": info.backbone,
+        "method": info.method,
+        "objective": method.get("objective"),
+        "top_k": method.get("top_k"),
+        "layer": method.get("layer"),
+        "token_index": method.get("token_index"),
+        "sigma": method.get("sigma"),
+        "stopping": cfg.get("stopping", {}).get("name"),
+        "n_rounds": cfg.get("stopping", {}).get("n"),
+        "metric": info.spec.metric,
+        "score": summary.get("score"),
+        "n_samples": summary["n_samples"],
+        "n_failures": summary["n_failures"],
+        "mean_time_s": summary.get("mean_time_s"),
+        "mean_iou": summary.get("mean_iou"),
+        "output_dir": str(info.output_dir),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+    return path
+
+
+# ------------------------------------------------------------------------ run
+Method = Callable[[Any, str], tuple[str, Trace]]
+
+
+def run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list | None = None) -> dict:
+    """Process every sample not yet in ``records.jsonl``; return the summary."""
+    import torch
+
+    loggers = loggers or []
+    out = info.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    rec_path = out / "records.jsonl"
+    records = read_records(rec_path)
+    done = {r["id"] for r in records}
+    bar = None
+    if info.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"{info.spec.name}/{info.method}", unit="sample", initial=len(done))
+    running = [r["metrics"].get(info.spec.metric) for r in records if r["metrics"].get(info.spec.metric) is not None]
+    with open(rec_path, "a") as f:
+        for sample in samples:
+            if sample.id in done:
+                continue
+            t0 = time.perf_counter()
+            prediction, trace, error = None, None, sample.error
+            if error is None:
+                try:
+                    prediction, trace = method(sample.image, prompt_for(sample, info.spec.kind))
+                except torch.OutOfMemoryError as e:  # recorded; the run goes on
+                    error = f"OutOfMemoryError: {str(e)[:200]}"
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                except Exception as e:
+                    error = f"{type(e).__name__}: {e}"
+            rec = make_record(sample, prediction, trace, error, info.spec, time.perf_counter() - t0)
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            done.add(sample.id)
+            records.append(rec)
+            for lg in loggers:
+                lg.log_record(rec)
+            v = rec["metrics"].get(info.spec.metric)
+            if v is not None:
+                running.append(v)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    acc=f"{sum(running) / len(running):.3f}" if running else "-", s_per=f"{rec['time_s']:.2f}"
+                )
+    if bar is not None:
+        bar.close()
+    records = read_records(rec_path)
+    summary = {
+        "dataset": info.spec.name,
+        "hf_id": info.spec.hf_id,
+        "split": info.spec.split,
+        "dataset_revision": info.spec.revision,
+        "backbone": info.backbone,
+        "model_revision": info.model_revision,
+        "method": info.method,
+        "metric": info.spec.metric,
+        **aggregate(records, info.spec),
+        "seed": info.seed,
+        "versions": _versions(),
+        "git_revision": _git_revision(),
+        "config": info.config,
+    }
+    sub = write_submission(records, info.spec, out)
+    summary["submission_file"] = sub.name if sub else None
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    if info.tables_dir is not None:
+        append_table_row(info.tables_dir, info, summary)
+    for lg in loggers:
+        lg.finish(summary, records)
+    return summary
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)

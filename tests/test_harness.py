@@ -1,0 +1,187 @@
+"""The harness end to end on the toy subsets with a tiny model: configs, outputs, resume, bad data."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from egg_eval.cli import CONFIG_DIR, main
+
+GROUPS = ["backbone", "dataset", "method", "stopping", "logger"]
+TOYS = ["textvqa_toy", "vstar_toy", "docvqa_toy", "infovqa_toy", "pope_toy", "gqa_toy", "rwqa_toy", "detail_toy"]
+RECORD_FIELDS = {
+    "id",
+    "subset",
+    "question",
+    "prediction",
+    "answers",
+    "metrics",
+    "localisation",
+    "rounds",
+    "final_views",
+    "stop_reason",
+    "n_forward",
+    "n_backward",
+    "time_ground_s",
+    "time_answer_s",
+    "time_s",
+    "error",
+}
+
+
+def cfg_for(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("eval", overrides=[f"output_root={tmp_path}", "progress=false", *overrides])
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_config_file_composes(tmp_path, group):
+    names = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+    assert names
+    for name in names:
+        cfg = cfg_for(tmp_path, f"{group}={name}")
+        assert cfg[group].name
+
+
+def test_experiment_files_compose(tmp_path):
+    for p in sorted((Path(CONFIG_DIR) / "experiment").glob("*.yaml")):
+        cfg = cfg_for(tmp_path, f"+experiment={p.stem}")
+        assert cfg.method.name == "egg"
+
+
+def test_unknown_choice_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="docvqa"):
+        cfg_for(tmp_path, "dataset=docvq")
+
+
+@pytest.mark.parametrize("dataset", TOYS)
+def test_run_on_each_toy_subset_writes_all_outputs(tmp_path, dataset):
+    summary = main(cfg_for(tmp_path, f"dataset={dataset}", "method.max_rounds=2"))
+    run_dir = next((tmp_path / "runs").glob(f"{dataset}/*/*"))
+    recs = [json.loads(x) for x in (run_dir / "records.jsonl").read_text().splitlines()]
+    n = 12 if dataset == "pope_toy" else 4
+    assert len(recs) == n == summary["n_samples"] and summary["n_failures"] == 0
+    for r in recs:
+        assert set(r) == RECORD_FIELDS and r["error"] is None and isinstance(r["prediction"], str)
+        for rnd in r["rounds"]:
+            assert all(len(v) == 4 for v in rnd["views"])
+    s = json.loads((run_dir / "summary.json").read_text())
+    for key in (
+        "score",
+        "n_samples",
+        "n_failures",
+        "mean_time_s",
+        "seed",
+        "versions",
+        "git_revision",
+        "config",
+        "model_revision",
+        "dataset_revision",
+    ):
+        assert key in s
+    rows = list(csv.DictReader((tmp_path / "tables" / f"{dataset}.csv").read_text().splitlines()))
+    assert len(rows) == 1 and rows[0]["dataset"] == dataset
+    if dataset in ("textvqa_toy", "docvqa_toy", "infovqa_toy", "gqa_toy"):
+        sub = json.loads(next(run_dir.glob("submission_*.json")).read_text())
+        assert len(sub) == n
+        key = {"textvqa_toy": "question_id", "gqa_toy": "questionId"}.get(dataset, "questionId")
+        assert all(key in row for row in sub)
+    if dataset == "pope_toy":
+        assert set(s["pope_splits"]) == {"adversarial", "popular", "random"}
+        assert 0 <= s["pope_yes_ratio"] <= 1
+    if dataset == "detail_toy":
+        assert "mean_iou" in s and "hit_rate" in s
+
+
+def test_submission_written_for_split_without_answers(tmp_path):
+    summary = main(cfg_for(tmp_path, "dataset=docvqa_toy", "dataset.split=test", "method=vanilla"))
+    assert summary["score"] is None and summary["n_samples"] == 4
+    run_dir = next((tmp_path / "runs").glob("docvqa_toy/*/*"))
+    assert [r["questionId"] for r in json.loads((run_dir / "submission_rrc.json").read_text())] == [
+        5000,
+        5001,
+        5002,
+        5003,
+    ]
+
+
+def test_resume_continues_without_loss_or_double_scoring(tmp_path):
+    full = main(cfg_for(tmp_path / "a", "method.max_rounds=2"))
+    main(cfg_for(tmp_path / "b", "method.max_rounds=2", "dataset.limit=2"))
+    run_dir = next((tmp_path / "b" / "runs").glob("*/*/*"))
+    with open(run_dir / "records.jsonl", "a") as f:
+        f.write('{"id": "d9", "question": "torn')  # a killed write
+    resumed = main(cfg_for(tmp_path / "b", "method.max_rounds=2"))
+    ids = [json.loads(x)["id"] for x in (run_dir / "records.jsonl").read_text().splitlines()]
+    assert ids == ["d0", "d1", "d2", "d3"]
+    assert resumed["score"] == full["score"] and resumed["n_samples"] == full["n_samples"] == 4
+    a = [json.loads(x)["prediction"] for x in next((tmp_path / "a" / "runs").glob("*/*/*/records.jsonl")).open()]
+    b = [json.loads(x)["prediction"] for x in (run_dir / "records.jsonl").open()]
+    assert a == b
+
+
+def test_corrupt_image_and_empty_question_are_recorded_and_the_run_completes(tmp_path):
+    from datasets import Dataset, Features, Image, Sequence, Value
+    from PIL import Image as PILImage
+
+    good = io.BytesIO()
+    PILImage.new("RGB", (64, 48), (200, 10, 10)).save(good, format="PNG")
+    rows = {
+        "id": ["ok", "corrupt", "empty"],
+        "image": [
+            {"bytes": good.getvalue(), "path": None},
+            {"bytes": good.getvalue()[:40], "path": None},
+            {"bytes": good.getvalue(), "path": None},
+        ],
+        "question": ["What colour?", "What colour?", "  "],
+        "answers": [["red"], ["red"], ["red"]],
+        "bbox": [[[0.0, 0.0, 10.0, 10.0]]] * 3,
+    }
+    feats = Features(
+        {
+            "id": Value("string"),
+            "image": Image(),
+            "question": Value("string"),
+            "answers": Sequence(Value("string")),
+            "bbox": Sequence(Sequence(Value("float32"))),
+        }
+    )
+    data = tmp_path / "data"
+    data.mkdir()
+    Dataset.from_dict(rows, features=feats).to_parquet(str(data / "test.parquet"))
+    summary = main(
+        cfg_for(tmp_path, "dataset=detail_toy", "~dataset.toy", f"dataset.path={data}", "method.max_rounds=2")
+    )
+    recs = {json.loads(x)["id"]: json.loads(x) for x in next((tmp_path / "runs").glob("*/*/*/records.jsonl")).open()}
+    assert recs["ok"]["error"] is None
+    assert "corrupt" in recs and recs["corrupt"]["error"] and recs["corrupt"]["prediction"] is None
+    assert "empty question" in recs["empty"]["error"]
+    assert summary["n_samples"] == 3 and summary["n_failures"] == 2
+
+
+def test_missing_column_is_a_clear_error(tmp_path):
+    with pytest.raises(KeyError, match="missing"):
+        main(cfg_for(tmp_path, "dataset=textvqa_toy", "dataset.columns.question=query"))
+
+
+def test_make_tables_prints_a_table_from_results(tmp_path):
+    import subprocess
+    import sys
+
+    for k in (1, 2):
+        main(cfg_for(tmp_path, f"method.top_k={k}", "method.max_rounds=2"))
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_tables.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--results", str(tmp_path), "--by", "top_k"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "detail_toy" in out and "top_k" in out
+    assert (tmp_path / "table_top_k.csv").read_text().count("\n") == 3  # header + K=1 + K=2
