@@ -55,21 +55,18 @@ def test_saliency_matches_inputs_embeds_autograd(tiny_backbones, fam):
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-9)
 
 
-def test_logit_lens_layer_matches_hidden_states(tiny_backbones):
+@pytest.mark.parametrize(
+    ("setting", "seed"),
+    [({"layer": 1}, 6), ({"token_index": 2}, 7)],
+    ids=["logit_lens_layer1", "token_index2_greedy_unroll"],
+)
+def test_layer_and_token_index_match_reference(tiny_backbones, setting, seed):
     bb = tiny_backbones["llava15"]
-    img = noise_image(150, 200, seed=6)
-    ours = token_saliency(bb, img, Q, layer=1).scores
-    ref = reference_scores(bb, img, layer=1)
+    img = noise_image(150, 200, seed=seed)
+    ours = token_saliency(bb, img, Q, **setting).scores
+    ref = reference_scores(bb, img, **setting)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-9)
-    assert not np.allclose(ours, token_saliency(bb, img, Q).scores)
-
-
-def test_token_index_two_unrolls_one_greedy_token(tiny_backbones):
-    bb = tiny_backbones["llava15"]
-    img = noise_image(160, 160, seed=7)
-    ours = token_saliency(bb, img, Q, token_index=2).scores
-    ref = reference_scores(bb, img, token_index=2)
-    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-9)
+    assert not np.allclose(ours, token_saliency(bb, img, Q).scores)  # differs from the default map
 
 
 def test_objectives_by_hand():
