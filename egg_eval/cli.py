@@ -152,4 +152,7 @@ def hydra_main(cfg: DictConfig) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
     main(cfg)
