@@ -8,8 +8,9 @@
 Prints, per method, the median seconds per sample, forward and backward passes per
 sample and the peak memory, and, for one view, one grounding pass (forward + backward to
 the visual tokens) against one plain forward. Every method runs in its own child process
-so that peak memory is its own: on GPU ``torch.cuda.max_memory_allocated``; on CPU the
-peak resident set size above the loaded model (``ru_maxrss``).
+so that peak memory is its own: on GPU ``torch.cuda.max_memory_allocated``, on CPU the
+peak resident set size (``ru_maxrss``), both whole (weights included: what decides whether
+a job fits) and above the loaded, warmed-up model (what the method itself adds).
 
 ``--backbone real`` builds the published 7B configuration of the family with RANDOM
 weights (no download): only timings and memory mean anything there, not answers.
@@ -173,15 +174,13 @@ def child(args) -> dict:
         times.append(time.perf_counter() - t0)
         fwd.append(trace.counters.n_forward)
         bwd.append(trace.counters.n_backward)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_mem
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "median_s": statistics.median(times),
         "forward": statistics.mean(fwd),
         "backward": statistics.mean(bwd),
         "peak_mb": peak / 2**20,
+        "extra_mb": (peak - base_mem) / 2**20,
         "device": str(backbone.device),
         "dtype": str(backbone.dtype),
     }
@@ -211,14 +210,25 @@ def main() -> None:
         results[m] = json.loads(out.stdout.strip().splitlines()[-1])
     van = results.get("vanilla")
     print(f"backbone={args.backbone} family={args.family} n={args.n} device={args.device} dtype={args.dtype}\n")
-    print("| method | median s/sample | x vanilla | forward/sample | backward/sample | peak MB | x vanilla |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| method | median s/sample | x vanilla | forward/sample | backward/sample "
+        "| peak MB | x vanilla | above model MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for m, r in results.items():
         if m == "passes":
             continue
         tx = f"{r['median_s'] / van['median_s']:.2f}" if van else "-"
         mx = f"{r['peak_mb'] / van['peak_mb']:.2f}" if van and van["peak_mb"] > 0 else "-"
-        cells = [f"{r['median_s']:.4f}", tx, f"{r['forward']:.1f}", f"{r['backward']:.1f}", f"{r['peak_mb']:.0f}", mx]
+        cells = [
+            f"{r['median_s']:.4f}",
+            tx,
+            f"{r['forward']:.1f}",
+            f"{r['backward']:.1f}",
+            f"{r['peak_mb']:.0f}",
+            mx,
+            f"{r['extra_mb']:.0f}",
+        ]
         print(f"| {m} | " + " | ".join(cells) + " |")
     p = results["passes"]
     print(

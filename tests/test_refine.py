@@ -7,12 +7,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from conftest import noise_image
 
 from egg_eval.backbones.base import TokenLayout, cell_boxes
-from egg_eval.grounding.refine import EggConfig, Refiner, run_egg, run_vanilla
+from egg_eval.grounding.refine import EggConfig, Refiner, answer_with_views, run_egg, run_vanilla
 from egg_eval.grounding.regions import RegionParams
-from egg_eval.grounding.saliency import Grounding
+from egg_eval.grounding.saliency import Grounding, token_saliency
 from egg_eval.types import Box, Counters
 
 EXACT = RegionParams(sigma=0.0, top_k=2, min_size=0.0, max_aspect=3.0)
@@ -162,3 +163,42 @@ def test_vanilla_answers_from_the_whole_image(tiny_backbones):
     text, trace = run_vanilla(bb, img, "q")
     assert trace.final_views == [Box(0, 0, 120, 90)] and trace.counters.n_backward == 0
     assert text == bb.answer([img], "q")
+
+
+def test_answer_reuses_grounding_features_exactly(tiny_backbones, family):
+    """The answer pass takes each view's embeddings from its grounding pass (no second
+    vision-tower pass) and gets the same logits as from the pixels."""
+    bb = tiny_backbones[family]
+    img = noise_image(200, 150, seed=3)
+    views = [Box(0, 0, 200, 150), Box(20, 10, 120, 90)]
+    crops = [img, img.crop((20, 10, 120, 90))]
+    feats = [token_saliency(bb, c, "q").features for c in crops]
+    enc = bb.encode(crops, "q")
+    with torch.no_grad():
+        ref = bb.model(**bb.model_inputs(enc), use_cache=False).logits
+        calls = []
+        hook = bb.model.model.get_image_features
+        bb.model.model.get_image_features = lambda *a, **k: calls.append(1) or hook(*a, **k)
+        try:
+            got = bb.model(**bb.inputs_with_features(enc, feats), use_cache=False).logits
+            text = answer_with_views(bb, img, "q", views, features=feats)
+        finally:
+            del bb.model.model.get_image_features
+    assert not calls
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert text == answer_with_views(bb, img, "q", views)
+
+
+def test_run_egg_answers_from_cached_features(tiny_backbones, monkeypatch):
+    bb = tiny_backbones["llava15"]
+    img = noise_image(300, 170, seed=11)
+    seen = {}
+    real = answer_with_views
+
+    def spy(backbone, image, question, views, features=None):
+        seen["features"] = features
+        return real(backbone, image, question, views, features=features)
+
+    text, trace = run_egg(bb, img, "q", EggConfig(max_rounds=4), answer=spy)
+    assert seen["features"] is not None and len(seen["features"]) == len(trace.final_views)
+    assert text == real(bb, img, "q", trace.final_views)

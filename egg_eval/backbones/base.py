@@ -322,13 +322,34 @@ class Backbone:
                 out[k] = torch.cat([v, fill.to(v.dtype)], dim=1)
         return out
 
+    def inputs_with_features(
+        self, enc: dict[str, torch.Tensor], features: Sequence[Sequence[torch.Tensor]] | None
+    ) -> dict[str, Any]:
+        """What a forward / ``generate`` takes for ``enc``; with ``features`` (per image, its
+        projected visual embeddings from an earlier pass, e.g. ``Grounding.features``) the
+        vision tower is skipped and they enter as ``mm_encoder_outputs``. Features do not
+        depend on the text, so this is exact."""
+        if features is None:
+            return self.model_inputs(enc)
+        kw = dict(self.lm_inputs(enc))
+        flat = [t.to(self.device) for f in features for t in f]
+        kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self._pack_leaves(flat))}
+        return kw
+
     @torch.no_grad()
-    def answer(self, images: Sequence[Image.Image], text: str, max_new_tokens: int | None = None) -> str:
-        """Greedy answer from ``images`` (whole image first, then crops) as real images in one prompt."""
+    def answer(
+        self,
+        images: Sequence[Image.Image],
+        text: str,
+        max_new_tokens: int | None = None,
+        features: Sequence[Sequence[torch.Tensor]] | None = None,
+    ) -> str:
+        """Greedy answer from ``images`` (whole image first, then crops) as real images in one
+        prompt; ``features`` (one entry per image) reuses their already computed embeddings."""
         t0 = time.perf_counter()
         enc = self.encode(images, text)
         out = self.model.generate(
-            **self.model_inputs(enc),
+            **self.inputs_with_features(enc, features),
             do_sample=False,
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             num_beams=1,
@@ -342,7 +363,13 @@ class Backbone:
         return self.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
 
     @torch.no_grad()
-    def option_losses(self, images: Sequence[Image.Image], text: str, options: Sequence[str]) -> list[float]:
+    def option_losses(
+        self,
+        images: Sequence[Image.Image],
+        text: str,
+        options: Sequence[str],
+        features: Sequence[Sequence[torch.Tensor]] | None = None,
+    ) -> list[float]:
         """Mean token negative log-likelihood of each option's text as the assistant's answer
         (V*'s official protocol picks the option with the lowest)."""
         t0 = time.perf_counter()
@@ -355,7 +382,8 @@ class Backbone:
                 out.append(float("inf"))
                 continue
             full = self.append_tokens(enc, ids)
-            logits = self.model(**self.model_inputs(full), use_cache=False).logits[0, -ids.shape[1] - 1 : -1].float()
+            kw = self.inputs_with_features(full, features)
+            logits = self.model(**kw, use_cache=False).logits[0, -ids.shape[1] - 1 : -1].float()
             out.append(float(torch.nn.functional.cross_entropy(logits, ids[0])))
             self.counters.n_forward += 1
         self.counters.time_answer_s += time.perf_counter() - t0

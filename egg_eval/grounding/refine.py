@@ -115,6 +115,14 @@ class Refiner:
                 self._store(box, g)
         return [self.ground_view(b) for b in boxes]
 
+    def features(self, views: list[Box]):
+        """The cached visual embeddings of ``views`` (all grounded), else None: the answer
+        pass then encodes the pixels itself (e.g. the fixed rule's last, ungrounded crops)."""
+        feats = [self.cache.get(tuple(v.as_list())) for v in views]
+        if any(f is None or f.grounding.features is None for f in feats):
+            return None
+        return [f.grounding.features for f in feats]
+
     def _store(self, box: Box, g: Grounding) -> _ViewResult:
         c = self.config
         bounds = Box(0, 0, box.width, box.height)
@@ -169,13 +177,20 @@ def refine(backbone: Backbone, image: Image.Image, question: str, config: EggCon
     return Refiner(backbone, image, question, config or EggConfig()).run()
 
 
-def answer_with_views(backbone: Backbone, image: Image.Image, question: str, views: list[Box]) -> str:
-    """The answer from the whole image + crops, each a real image through the processor."""
+def _view_images(backbone: Backbone, image: Image.Image, views: list[Box], features=None):
     whole = Box.of_image(*image.size)
     crops = [image if v == whole else image.crop(tuple(int(x) for x in v.as_list())) for v in views]
     if backbone.max_images is not None:
         crops = crops[: backbone.max_images]
-    return backbone.answer(crops, question)
+        features = features[: backbone.max_images] if features is not None else None
+    return crops, features
+
+
+def answer_with_views(backbone: Backbone, image: Image.Image, question: str, views: list[Box], features=None) -> str:
+    """The answer from the whole image + crops, each a real image through the processor;
+    ``features`` (per view, from grounding) spares the vision tower a second pass."""
+    crops, features = _view_images(backbone, image, views, features)
+    return backbone.answer(crops, question, features=features)
 
 
 def run_egg(
@@ -189,8 +204,9 @@ def run_egg(
     :func:`answer_by_likelihood`). Counters in the trace cover both."""
     backbone.counters.__init__()
     t0 = time.perf_counter()
-    trace = refine(backbone, image, question, config)
-    text = answer(backbone, image, question, trace.final_views)
+    refiner = Refiner(backbone, image, question, config or EggConfig())
+    trace = refiner.run()
+    text = answer(backbone, image, question, trace.final_views, features=refiner.features(trace.final_views))
     trace.counters = backbone.counters
     trace.counters.time_ground_s = time.perf_counter() - t0 - trace.counters.time_answer_s
     return text, trace
@@ -210,17 +226,14 @@ def split_options(text: str) -> tuple[str, list[str], list[str]]:
     return "\n".join(stem).strip(), letters, options
 
 
-def answer_by_likelihood(backbone: Backbone, image: Image.Image, question: str, views: list[Box]) -> str:
+def answer_by_likelihood(backbone: Backbone, image: Image.Image, question: str, views: list[Box], features=None) -> str:
     """V*'s official protocol on the given views: the letter of the option whose text has the
     lowest loss as the answer to the question stem."""
     stem, letters, options = split_options(question)
     if not options:
         raise ValueError("likelihood protocol: no '(A) ...' option lines in the question")
-    whole = Box.of_image(*image.size)
-    crops = [image if v == whole else image.crop(tuple(int(x) for x in v.as_list())) for v in views]
-    if backbone.max_images is not None:
-        crops = crops[: backbone.max_images]
-    losses = backbone.option_losses(crops, stem, options)
+    crops, features = _view_images(backbone, image, views, features)
+    losses = backbone.option_losses(crops, stem, options, features=features)
     return letters[min(range(len(losses)), key=losses.__getitem__)]
 
 

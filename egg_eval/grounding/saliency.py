@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -57,7 +57,9 @@ class Grounding:
 
     ``scores`` (n_tokens,) per visual token, in token order; ``layout`` places them;
     ``map`` (R, C) is the map on the layout's grid (global-view tokens folded in);
-    ``first_token_max_prob`` is the model's confidence at the objective's step.
+    ``first_token_max_prob`` is the model's confidence at the objective's step;
+    ``features`` the view's projected visual embeddings (detached, the backbone's leaf
+    format), kept so that the answer pass does not run the vision tower on it again.
     """
 
     scores: np.ndarray
@@ -65,6 +67,7 @@ class Grounding:
     map: np.ndarray
     objective_value: float
     first_token_max_prob: float
+    features: list[torch.Tensor] | None = field(default=None, repr=False)
 
 
 def token_saliency(
@@ -105,6 +108,7 @@ def token_saliency(
         map=layout.to_map(scores),
         objective_value=float(value.detach()),
         first_token_max_prob=float(torch.softmax(logits.detach(), -1).max()),
+        features=[leaf.detach() for leaf in leaves],
     )
 
 
@@ -164,6 +168,7 @@ def token_saliency_batch(
                 map=layout.to_map(scores),
                 objective_value=float(values[i].detach()),
                 first_token_max_prob=float(torch.softmax(logits[i].detach(), -1).max()),
+                features=[leaf.detach() for leaf in leaves[i * per_view : (i + 1) * per_view]],
             )
         )
     backbone.counters.time_ground_s += time.perf_counter() - t0
