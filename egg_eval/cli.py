@@ -138,6 +138,7 @@ def build(cfg: DictConfig):
             n_rounds=s.get("n") or 1,
             max_rounds=m.max_rounds,
             batch_views=m.get("batch_views", True),
+            reuse_features=m.get("reuse_features", True),
         )
 
         def method(image, text):

@@ -26,10 +26,11 @@ import subprocess
 import sys
 import time
 
-METHODS = {
+METHODS = {  # each speed-up switched on in turn
     "vanilla": {},
-    "egg_one_view_per_pass": {"batch_views": False},
-    "egg": {"batch_views": True},
+    "egg_one_view_per_pass": {"batch_views": False, "reuse_features": False},
+    "egg_batched_views": {"batch_views": True, "reuse_features": False},
+    "egg": {"batch_views": True, "reuse_features": True},
 }
 
 

@@ -46,6 +46,7 @@ class EggConfig:
     n_rounds: int = 1  # for stopping="fixed"
     max_rounds: int = 15
     batch_views: bool = True  # ground the new views of a round in one pass where the backbone allows
+    reuse_features: bool = True  # the answer takes each view's embeddings from its grounding pass
 
     def __post_init__(self):
         if self.stopping not in STOPPING_RULES:
@@ -204,9 +205,11 @@ def run_egg(
     :func:`answer_by_likelihood`). Counters in the trace cover both."""
     backbone.counters.__init__()
     t0 = time.perf_counter()
-    refiner = Refiner(backbone, image, question, config or EggConfig())
+    config = config or EggConfig()
+    refiner = Refiner(backbone, image, question, config)
     trace = refiner.run()
-    text = answer(backbone, image, question, trace.final_views, features=refiner.features(trace.final_views))
+    features = refiner.features(trace.final_views) if config.reuse_features else None
+    text = answer(backbone, image, question, trace.final_views, features=features)
     trace.counters = backbone.counters
     trace.counters.time_ground_s = time.perf_counter() - t0 - trace.counters.time_answer_s
     return text, trace
