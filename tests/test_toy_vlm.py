@@ -110,3 +110,25 @@ def test_demo_numbers_on_a_fixed_subset_stay_in_their_band(toy):
     assert 0.35 <= t["oracle"]["iou"] <= 0.55
     assert 0.08 <= t["egg_k2"]["iou"] <= 0.35
     assert t["egg_k2"]["single_acc"] <= 0.45
+
+
+def test_diagnose_toy_reports_where_the_maps_and_attention_peak(toy):
+    """scripts/diagnose_toy.py on a few scenes: every map and layer, fractions in [0, 1], and the
+    model's attention kernel put back afterwards. Shipped toy, 80 scenes: EGG map peak on the
+    evidence 45%, last-layer attention 40% (the README's figures)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "diagnose_toy.py"
+    spec = importlib.util.spec_from_file_location("diagnose_toy", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    samples = [r for r in rows(12, seed=2000) if r["kind"] == "single"][:4]
+    before = toy.model.config._attn_implementation
+    out = mod.diagnose(toy, samples)
+    assert toy.model.config._attn_implementation == before
+    assert set(out) == {"entropy", "entropy_layer1", "max_prob", "attention_layer1", "attention_layer2"}
+    for v in out.values():
+        assert 0.0 <= v["peak_on_evidence"] <= 1.0 and 0.0 < v["share_on_evidence"] < 1.0
+    # a peak on the evidence is counted per scene: the mean is a multiple of 1/4
+    assert all(4 * v["peak_on_evidence"] == round(4 * v["peak_on_evidence"]) for v in out.values())
