@@ -35,7 +35,7 @@ demo:  ## the toy LLaVA on 300 held-out detail scenes: vanilla vs EGG K=1/K=2 vs
 	$(PY) scripts/demo.py
 
 bench:  ## vanilla vs EGG: time per sample, grounding pass vs forward, peak memory, passes (CPU toy model)
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py --repeats 3
 
 toy-vlm:  ## retrain the shipped toy LLaVA from scratch (CPU, deterministic) into egg_eval/assets/toy_vlm
 	$(PY) scripts/train_toy_vlm.py

@@ -146,35 +146,39 @@ def child(args) -> dict:
         base_mem = torch.cuda.max_memory_allocated()
     else:
         base_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times, fwd, bwd = [], [], []
+    fwd, bwd = [], []
     if method == "passes":
-        plain, ground = [], []
-        for r in samples:
-            enc = backbone.encode([r["image"]], text(r))
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                backbone.model(**backbone.model_inputs(enc), use_cache=False, logits_to_keep=1)
-            if cuda:
-                torch.cuda.synchronize()
-            plain.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            token_saliency(backbone, r["image"], text(r))
-            if cuda:
-                torch.cuda.synchronize()
-            ground.append(time.perf_counter() - t0)
+        plain, ground = [float("inf")] * len(samples), [float("inf")] * len(samples)
+        for _ in range(args.repeats):
+            for i, r in enumerate(samples):
+                enc = backbone.encode([r["image"]], text(r))
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    backbone.model(**backbone.model_inputs(enc), use_cache=False, logits_to_keep=1)
+                if cuda:
+                    torch.cuda.synchronize()
+                plain[i] = min(plain[i], time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                token_saliency(backbone, r["image"], text(r))
+                if cuda:
+                    torch.cuda.synchronize()
+                ground[i] = min(ground[i], time.perf_counter() - t0)
         return {"forward_s": statistics.median(plain), "grounding_s": statistics.median(ground)}
     cfg = EggConfig(**METHODS[method]) if method != "vanilla" else None
-    for r in samples:
-        t0 = time.perf_counter()
-        if cfg is None:
-            _, trace = run_vanilla(backbone, r["image"], text(r))
-        else:
-            _, trace = run_egg(backbone, r["image"], text(r), cfg)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        fwd.append(trace.counters.n_forward)
-        bwd.append(trace.counters.n_backward)
+    times = [float("inf")] * len(samples)
+    for rep in range(args.repeats):  # per sample the fastest repeat (as timeit does), then the median
+        for i, r in enumerate(samples):
+            t0 = time.perf_counter()
+            if cfg is None:
+                _, trace = run_vanilla(backbone, r["image"], text(r))
+            else:
+                _, trace = run_egg(backbone, r["image"], text(r), cfg)
+            if cuda:
+                torch.cuda.synchronize()
+            times[i] = min(times[i], time.perf_counter() - t0)
+            if rep == 0:
+                fwd.append(trace.counters.n_forward)
+                bwd.append(trace.counters.n_backward)
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "median_s": statistics.median(times),
@@ -196,6 +200,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="time each sample this many times, keep the fastest")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -210,7 +215,10 @@ def main() -> None:
             raise SystemExit(f"{m} failed:\n{out.stderr[-2000:]}")
         results[m] = json.loads(out.stdout.strip().splitlines()[-1])
     van = results.get("vanilla")
-    print(f"backbone={args.backbone} family={args.family} n={args.n} device={args.device} dtype={args.dtype}\n")
+    print(
+        f"backbone={args.backbone} family={args.family} n={args.n} repeats={args.repeats} "
+        f"device={args.device} dtype={args.dtype}\n"
+    )
     print(
         "| method | median s/sample | x vanilla | forward/sample | backward/sample "
         "| peak MB | x vanilla | above model MB |"
