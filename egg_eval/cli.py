@@ -139,6 +139,7 @@ def build(cfg: DictConfig):
             max_rounds=m.max_rounds,
             batch_views=m.get("batch_views", True),
             reuse_features=m.get("reuse_features", True),
+            checkpoint_layers=m.get("checkpoint_layers", False),
         )
 
         def method(image, text):

@@ -31,6 +31,7 @@ METHODS = {  # each speed-up switched on in turn
     "egg_one_view_per_pass": {"batch_views": False, "reuse_features": False},
     "egg_batched_views": {"batch_views": True, "reuse_features": False},
     "egg": {"batch_views": True, "reuse_features": True},
+    "egg_recompute_layers": {"batch_views": True, "reuse_features": True, "checkpoint_layers": True},
 }
 
 

@@ -144,3 +144,46 @@ def test_batched_grounding_falls_back_where_the_backbone_cannot_batch(tiny_backb
     out = token_saliency_batch(bb, views, "What is it?")
     assert bb.counters.n_backward == 2 and len(out) == 2
     np.testing.assert_allclose(out[1].scores, token_saliency(bb, views[1], "What is it?").scores, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [None, 1])
+def test_recomputing_layers_in_the_backward_gives_the_same_map(tiny_backbones, family, layer):
+    """method.checkpoint_layers trades memory for a second forward; the map must not change,
+    and every decoder layer gets its own forward back afterwards."""
+    bb = tiny_backbones[family]
+    img = noise_image(150, 110, seed=5)
+    plain = token_saliency(bb, img, "What is in the corner?", layer=layer)
+    bb.checkpoint_layers = True
+    try:
+        recomputed = token_saliency(bb, img, "What is in the corner?", layer=layer)
+    finally:
+        bb.checkpoint_layers = False
+    np.testing.assert_allclose(recomputed.scores, plain.scores, rtol=1e-5, atol=1e-9)
+    assert plain.scores.max() > 0
+    assert all("forward" not in vars(m) for m in bb.decoder_layers)
+
+
+def test_recomputed_layers_hold_fewer_saved_activations(tiny_backbones):
+    """What the option is for: the autograd graph of a grounding pass saves less."""
+    bb = tiny_backbones["llava15"]
+    enc = bb.encode([noise_image(120, 90, seed=2)], "q")
+
+    def saved_bytes(checkpoint: bool) -> int:
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        bb.checkpoint_layers = checkpoint
+        try:
+            leaves = bb.visual_leaves(enc)
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                logits = bb.next_token_logits(enc, leaves)
+        finally:
+            bb.checkpoint_layers = False
+        assert logits.requires_grad
+        return total
+
+    assert saved_bytes(True) < 0.7 * saved_bytes(False)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -139,6 +140,32 @@ def capture_layer_output(layer: torch.nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+@contextlib.contextmanager
+def recompute_in_backward(layers: Sequence[torch.nn.Module], enabled: bool = True) -> Iterator[None]:
+    """Activation checkpointing of each of ``layers`` for the passes run inside: a layer keeps
+    only its input for the backward and recomputes the rest there (non-reentrant
+    ``torch.utils.checkpoint``, so ``torch.autograd.grad`` to the visual leaves works). The
+    grounding pass then holds about one layer's activations instead of all of them, for about
+    one more forward of compute. The layers' own ``forward`` is restored in ``finally``."""
+    if not enabled:
+        yield
+        return
+    originals = []
+    for layer in layers:
+        original = layer.forward
+
+        def forward(*args, _f=original, **kwargs):
+            return torch.utils.checkpoint.checkpoint(_f, *args, use_reentrant=False, **kwargs)
+
+        originals.append((layer, original))
+        layer.forward = forward
+    try:
+        yield
+    finally:
+        for layer, _ in originals:
+            del layer.forward  # back to the class's forward (the instance attribute shadowed it)
+
+
 class Backbone:
     """One VLM behind the interface the method needs.
 
@@ -166,6 +193,8 @@ class Backbone:
         self.name = name or self.family
         self.counters = Counters()
         self.revision: str | None = None
+        # recompute each decoder layer in the grounding backward (method.checkpoint_layers)
+        self.checkpoint_layers = False
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -273,13 +302,15 @@ class Backbone:
         kw = dict(self.lm_inputs(enc), use_cache=False)
         kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self._pack_leaves(leaves))}
         n = self.num_layers
+        recompute = recompute_in_backward(self.decoder_layers, self.checkpoint_layers and torch.is_grad_enabled())
         if layer is None or layer == n or layer == -1:
-            logits = self.model(**kw, logits_to_keep=1).logits[:, -1].float()
+            with recompute:
+                logits = self.model(**kw, logits_to_keep=1).logits[:, -1].float()
             return logits[0] if logits.shape[0] == 1 else logits
         if not 1 <= layer <= n:
             raise ValueError(f"layer must be in 1..{n} (or -1 / None for the last), got {layer}")
         try:
-            with capture_layer_output(self.decoder_layers[layer - 1]):
+            with recompute, capture_layer_output(self.decoder_layers[layer - 1]):
                 self.model.model(**kw)
         except _StopForward as stop:
             hidden = stop.hidden[:, -1]

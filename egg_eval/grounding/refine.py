@@ -47,6 +47,7 @@ class EggConfig:
     max_rounds: int = 15
     batch_views: bool = True  # ground the new views of a round in one pass where the backbone allows
     reuse_features: bool = True  # the answer takes each view's embeddings from its grounding pass
+    checkpoint_layers: bool = False  # recompute decoder layers in the backward: less memory, more time
 
     def __post_init__(self):
         if self.stopping not in STOPPING_RULES:
@@ -133,6 +134,14 @@ class Refiner:
         return result
 
     def run(self) -> Trace:
+        previous = self.backbone.checkpoint_layers
+        self.backbone.checkpoint_layers = self.config.checkpoint_layers
+        try:
+            return self._run()
+        finally:
+            self.backbone.checkpoint_layers = previous
+
+    def _run(self) -> Trace:
         c = self.config
         trace = Trace(image_size=self.image.size)
         views = [self.whole]
