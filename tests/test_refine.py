@@ -202,3 +202,13 @@ def test_run_egg_answers_from_cached_features(tiny_backbones, monkeypatch):
     text, trace = run_egg(bb, img, "q", EggConfig(max_rounds=4), answer=spy)
     assert seen["features"] is not None and len(seen["features"]) == len(trace.final_views)
     assert text == real(bb, img, "q", trace.final_views)
+
+
+def test_checkpoint_layers_changes_nothing_but_memory(tiny_backbones):
+    bb = tiny_backbones["qwen25vl"]
+    img = noise_image(300, 170, seed=11)
+    text, trace = run_egg(bb, img, "q", EggConfig(max_rounds=4))
+    text2, trace2 = run_egg(bb, img, "q", EggConfig(max_rounds=4, checkpoint_layers=True))
+    assert text2 == text and trace2.final_views == trace.final_views
+    assert [r.selected for r in trace2.rounds] == [r.selected for r in trace.rounds]
+    assert bb.checkpoint_layers is False  # put back after the run
