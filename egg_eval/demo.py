@@ -90,16 +90,9 @@ def evaluate(
             pred, trace, views = run_method(backbone, m, row, rng, sigma)
             stats[m]["time"].append(time.perf_counter() - t0)
             stats[m][row["kind"]].append(M.exact_match(pred, row["answers"][0]))
-            if len(views) > 1:
-                top = views[1].as_list()
-                ious = [M.box_iou(top, b) for b in row["bbox"]]
-                best = row["bbox"][max(range(len(ious)), key=ious.__getitem__)]
-                cx, cy = (best[0] + best[2]) / 2, (best[1] + best[3]) / 2
-                stats[m]["iou"].append(max(ious))
-                stats[m]["hit"].append(float(top[0] <= cx <= top[2] and top[1] <= cy <= top[3]))
-            else:
-                stats[m]["iou"].append(0.0)
-                stats[m]["hit"].append(0.0)
+            loc = M.region_localisation(views[1].as_list(), row["bbox"]) if len(views) > 1 else {"iou": 0.0, "hit": 0.0}
+            stats[m]["iou"].append(loc["iou"])
+            stats[m]["hit"].append(loc["hit"])
             if pictures_dir and m == picture_method and i < n_pictures and trace is not None:
                 out = Path(pictures_dir)
                 out.mkdir(parents=True, exist_ok=True)

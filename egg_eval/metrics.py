@@ -220,3 +220,12 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     inter = iw * ih
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def region_localisation(region: Sequence[float], boxes: Sequence[Sequence[float]]) -> dict[str, float]:
+    """``iou``: IoU of ``region`` with the best-matching of ``boxes``; ``hit``: 1.0 when that
+    box's centre lies inside ``region`` (all ``[x0, y0, x1, y1]``; ``boxes`` non-empty)."""
+    ious = [box_iou(region, b) for b in boxes]
+    best = boxes[max(range(len(ious)), key=ious.__getitem__)]
+    cx, cy = (best[0] + best[2]) / 2, (best[1] + best[3]) / 2
+    return {"iou": max(ious), "hit": float(region[0] <= cx <= region[2] and region[1] <= cy <= region[3])}

@@ -91,11 +91,7 @@ def localisation(sample: Sample, trace: Trace | None) -> dict[str, float | None]
     box, and a hit when that box's centre lies inside the region."""
     if not sample.bbox or trace is None or len(trace.final_views) < 2:
         return {}
-    top = trace.final_views[1].as_list()
-    ious = [M.box_iou(top, b) for b in sample.bbox]
-    best = sample.bbox[max(range(len(ious)), key=ious.__getitem__)]
-    cx, cy = (best[0] + best[2]) / 2, (best[1] + best[3]) / 2
-    return {"iou": max(ious), "hit": float(top[0] <= cx <= top[2] and top[1] <= cy <= top[3])}
+    return M.region_localisation(trace.final_views[1].as_list(), sample.bbox)
 
 
 def make_record(

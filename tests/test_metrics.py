@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from egg_eval.metrics import anls, box_iou, exact_match, multiple_choice, normalize_vqa_answer, pope, vqa_accuracy
+from egg_eval.metrics import (
+    anls,
+    box_iou,
+    exact_match,
+    multiple_choice,
+    normalize_vqa_answer,
+    pope,
+    region_localisation,
+    vqa_accuracy,
+)
 
 TEN = ["two"] * 3 + ["2"] * 2 + ["the 2"] + ["three"] * 4
 
@@ -117,3 +126,13 @@ def test_box_iou():
     assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
     assert box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
     assert box_iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0
+
+
+def test_region_localisation_takes_the_best_box_and_its_centre():
+    boxes = [[100, 100, 120, 120], [0, 0, 10, 10]]
+    # the region overlaps the second box best and holds its centre (5, 5)
+    assert region_localisation([0, 0, 20, 10], boxes) == {"iou": pytest.approx(0.5), "hit": 1.0}
+    # overlaps the second box (IoU 16/120) but misses its centre
+    loc = region_localisation([6, 6, 12, 12], boxes)
+    assert loc["iou"] == pytest.approx(16 / (100 + 36 - 16)) and loc["hit"] == 0.0
+    assert region_localisation([200, 200, 210, 210], boxes) == {"iou": 0.0, "hit": 0.0}
