@@ -153,11 +153,7 @@ def test_recomputing_layers_in_the_backward_gives_the_same_map(tiny_backbones, f
     bb = tiny_backbones[family]
     img = noise_image(150, 110, seed=5)
     plain = token_saliency(bb, img, "What is in the corner?", layer=layer)
-    bb.checkpoint_layers = True
-    try:
-        recomputed = token_saliency(bb, img, "What is in the corner?", layer=layer)
-    finally:
-        bb.checkpoint_layers = False
+    recomputed = token_saliency(bb, img, "What is in the corner?", layer=layer, recompute_layers=True)
     np.testing.assert_allclose(recomputed.scores, plain.scores, rtol=1e-5, atol=1e-9)
     assert plain.scores.max() > 0
     assert all("forward" not in vars(m) for m in bb.decoder_layers)
@@ -176,13 +172,9 @@ def test_recomputed_layers_hold_fewer_saved_activations(tiny_backbones):
             total += t.numel() * t.element_size()
             return t
 
-        bb.checkpoint_layers = checkpoint
-        try:
-            leaves = bb.visual_leaves(enc)
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                logits = bb.next_token_logits(enc, leaves)
-        finally:
-            bb.checkpoint_layers = False
+        leaves = bb.visual_leaves(enc)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = bb.next_token_logits(enc, leaves, recompute_layers=checkpoint)
         assert logits.requires_grad
         return total
 

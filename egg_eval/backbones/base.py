@@ -193,8 +193,6 @@ class Backbone:
         self.name = name or self.family
         self.counters = Counters()
         self.revision: str | None = None
-        # recompute each decoder layer in the grounding backward (method.checkpoint_layers)
-        self.checkpoint_layers = False
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -289,7 +287,12 @@ class Backbone:
         return len(self.decoder_layers)
 
     def next_token_logits(
-        self, enc: dict[str, torch.Tensor], leaves: list[torch.Tensor], *, layer: int | None = None
+        self,
+        enc: dict[str, torch.Tensor],
+        leaves: list[torch.Tensor],
+        *,
+        layer: int | None = None,
+        recompute_layers: bool = False,
     ) -> torch.Tensor:
         """Next-token logits (V,) at the last position, differentiable in ``leaves``; (B, V)
         for a batch of B equal-length prompts.
@@ -297,12 +300,13 @@ class Backbone:
         ``layer`` L in 1..num_layers is the logit lens: the first L decoder layers, then the
         final norm and the LM head (the reference code skips the norm; applying it is the
         usual logit lens and keeps the scale of the last layer). ``None`` = last layer.
+        ``recompute_layers``: see :func:`recompute_in_backward` (method.checkpoint_layers).
         """
         self.counters.n_forward += 1
         kw = dict(self.lm_inputs(enc), use_cache=False)
         kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self._pack_leaves(leaves))}
         n = self.num_layers
-        recompute = recompute_in_backward(self.decoder_layers, self.checkpoint_layers and torch.is_grad_enabled())
+        recompute = recompute_in_backward(self.decoder_layers, recompute_layers and torch.is_grad_enabled())
         if layer is None or layer == n or layer == -1:
             with recompute:
                 logits = self.model(**kw, logits_to_keep=1).logits[:, -1].float()

@@ -95,6 +95,7 @@ class Refiner:
                 objective=c.objective,
                 token_index=c.token_index,
                 layer=c.layer,
+                recompute_layers=c.checkpoint_layers,
             )
             self._store(box, g)
         return self.cache[key]
@@ -112,6 +113,7 @@ class Refiner:
                 objective=c.objective,
                 token_index=c.token_index,
                 layer=c.layer,
+                recompute_layers=c.checkpoint_layers,
             )
             for box, g in zip(todo_boxes, groundings):
                 self._store(box, g)
@@ -134,16 +136,6 @@ class Refiner:
         return result
 
     def run(self) -> Trace:
-        if not hasattr(self.backbone, "checkpoint_layers"):  # a stand-in backbone (tests)
-            return self._run()
-        previous = self.backbone.checkpoint_layers
-        self.backbone.checkpoint_layers = self.config.checkpoint_layers
-        try:
-            return self._run()
-        finally:
-            self.backbone.checkpoint_layers = previous
-
-    def _run(self) -> Trace:
         c = self.config
         trace = Trace(image_size=self.image.size)
         views = [self.whole]

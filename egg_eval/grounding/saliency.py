@@ -78,10 +78,12 @@ def token_saliency(
     objective: str = "entropy",
     token_index: int = 1,
     layer: int | None = None,
+    recompute_layers: bool = False,
 ) -> Grounding:
     """Ground one view: the gradient norm of ``objective`` at decoding step ``token_index``
     (1 = first answer token; t > 1 greedy-unrolls t - 1 tokens first) through the first
     ``layer`` decoder layers (None = all), with respect to each projected visual token.
+    ``recompute_layers`` trades memory for time (same scores; method.checkpoint_layers).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
@@ -93,7 +95,7 @@ def token_saliency(
         enc = backbone.append_tokens(enc, backbone.greedy_tokens(enc, token_index - 1))
     leaves = backbone.visual_leaves(enc)
     with torch.enable_grad():
-        logits = backbone.next_token_logits(enc, leaves, layer=layer)
+        logits = backbone.next_token_logits(enc, leaves, layer=layer, recompute_layers=recompute_layers)
         value = OBJECTIVES[objective](logits)
         grads = torch.autograd.grad(value, leaves)
     backbone.counters.n_backward += 1
@@ -120,6 +122,7 @@ def token_saliency_batch(
     objective: str = "entropy",
     token_index: int = 1,
     layer: int | None = None,
+    recompute_layers: bool = False,
 ) -> list[Grounding]:
     """:func:`token_saliency` of several views in ONE forward and ONE backward pass.
 
@@ -143,13 +146,13 @@ def token_saliency_batch(
         )
     )
     if not same:
-        kw = dict(objective=objective, token_index=token_index, layer=layer)
+        kw = dict(objective=objective, token_index=token_index, layer=layer, recompute_layers=recompute_layers)
         return [token_saliency(backbone, im, question, **kw) for im in images]
     t0 = time.perf_counter()
     enc = {k: torch.cat([e[k] for e in encs]) for k in encs[0]}
     leaves = backbone.visual_leaves(enc)
     with torch.enable_grad():
-        logits = backbone.next_token_logits(enc, leaves, layer=layer)
+        logits = backbone.next_token_logits(enc, leaves, layer=layer, recompute_layers=recompute_layers)
         values = [OBJECTIVES[objective](logits[i]) for i in range(len(images))]
         grads = torch.autograd.grad(torch.stack(values).sum(), leaves)
     backbone.counters.n_backward += 1
