@@ -196,22 +196,29 @@ def random_crop(rng: random.Random, size: int) -> tuple[int, int, int, int]:
     return (x0, y0, x0 + w, y0 + h)
 
 
+def _cell_edges(view_box) -> tuple[np.ndarray, np.ndarray]:
+    """x and y edges (GRID + 1 each) of the token cells over ``view_box``, in scene pixels."""
+    x0, y0, x1, y1 = view_box
+    return x0 + np.arange(GRID + 1) * (x1 - x0) / GRID, y0 + np.arange(GRID + 1) * (y1 - y0) / GRID
+
+
+def _centres_inside(ex: np.ndarray, ey: np.ndarray, box) -> np.ndarray:
+    """(GRID, GRID) bool: cells whose centre lies in ``box`` (x0, y0 inclusive; x1, y1 exclusive)."""
+    cx, cy = (ex[:-1] + ex[1:]) / 2, (ey[:-1] + ey[1:]) / 2
+    return ((cy[:, None] >= box[1]) & (cy[:, None] < box[3])) & ((cx[None] >= box[0]) & (cx[None] < box[2]))
+
+
 def token_labels(view_box, squares: list[Square], read: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per-token (colour class, digit class) for the 8x8 grid over ``view_box``.
 
     Colour: the square under the token's centre (0 = none). Digit: 1 + the digit for
     tokens whose cell overlaps the glyph, 0 outside squares, -100 (ignored) on the rest
     of a square and everywhere when ``read`` is False (a whole scene: illegible)."""
-    x0, y0, x1, y1 = view_box
-    ex = x0 + np.arange(GRID + 1) * (x1 - x0) / GRID
-    ey = y0 + np.arange(GRID + 1) * (y1 - y0) / GRID
-    cx, cy = (ex[:-1] + ex[1:]) / 2, (ey[:-1] + ey[1:]) / 2
+    ex, ey = _cell_edges(view_box)
     colour = np.zeros((GRID, GRID), dtype=np.int64)
     digit = np.zeros((GRID, GRID), dtype=np.int64) if read else np.full((GRID, GRID), -100, dtype=np.int64)
     for s in squares:
-        inside = ((cy[:, None] >= s.box[1]) & (cy[:, None] < s.box[3])) & (
-            (cx[None] >= s.box[0]) & (cx[None] < s.box[2])
-        )
+        inside = _centres_inside(ex, ey, s.box)
         colour[inside] = COLOUR_CLASSES.index(s.colour)
         if read:
             gx0, gy0, gx1, gy1 = s.glyph
@@ -266,10 +273,13 @@ def qa_views(rng: random.Random, squares: list[Square], evidence: list[Square], 
     return boxes
 
 
-def evidence_tokens(view_box, evidence: list[Square]) -> np.ndarray:
-    """(64,) bool: the view's tokens whose cell centre lies in an evidence square."""
-    colour, _ = token_labels(view_box, evidence, read=False)
-    return colour > 0
+def evidence_tokens(view_box, boxes) -> np.ndarray:
+    """(64,) bool: the view's tokens whose cell centre lies in one of the evidence ``boxes``."""
+    ex, ey = _cell_edges(view_box)
+    out = np.zeros((GRID, GRID), dtype=bool)
+    for box in boxes:
+        out |= _centres_inside(ex, ey, box)
+    return out.ravel()
 
 
 def qa_batch(seed: int, n: int, kind: str, n_crops: int, tokenizer, size: int = 320):
@@ -283,7 +293,7 @@ def qa_batch(seed: int, n: int, kind: str, n_crops: int, tokenizer, size: int = 
         q, a, evidence = question(rng, squares, kind)
         boxes = qa_views(rng, squares, evidence, n_crops, size)
         views += [img] + [img.crop(b) for b in boxes]
-        targets.append(np.concatenate([evidence_tokens(b, evidence) for b in [whole, *boxes]]))
+        targets.append(np.concatenate([evidence_tokens(b, [e.box for e in evidence]) for b in [whole, *boxes]]))
         prompt = prompt_text(1 + n_crops, f"{q}\n{OPEN_SUFFIX}")
         ids.append(tokenizer(prompt + " " + a + "</s>", add_special_tokens=False).input_ids)
         answers.append(a)

@@ -25,7 +25,7 @@ import torch
 
 from egg_eval.backbones import load_backbone
 from egg_eval.data.benchmarks import OPEN_SUFFIX
-from egg_eval.data.detail import Square, rows
+from egg_eval.data.detail import rows
 from egg_eval.demo import HELD_OUT_SEED
 from egg_eval.grounding.saliency import token_saliency
 from egg_eval.toy_vlm import CHECKPOINT, evidence_tokens
@@ -46,9 +46,7 @@ def diagnose(backbone, samples) -> dict:
     for r in samples:
         text = f"{r['question']}\n{OPEN_SUFFIX}"
         w, h = r["image"].size
-        ev = evidence_tokens(
-            (0, 0, w, h), [Square("red", 0, tuple(int(v) for v in b), (0, 0, 0, 0)) for b in r["bbox"]]
-        )
+        ev = evidence_tokens((0, 0, w, h), r["bbox"])
         for name, kw in MAPS.items():
             add(name, token_saliency(backbone, r["image"], text, **kw).scores, ev)
         enc = backbone.encode([r["image"]], text)
