@@ -147,36 +147,37 @@ def child(args) -> dict:
         base_mem = torch.cuda.max_memory_allocated()
     else:
         base_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    fwd, bwd = [], []
+
+    def timed(fn):
+        """(seconds, result) of ``fn()``, the device synchronised."""
+        t0 = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, out
+
+    def plain_forward(enc):
+        with torch.no_grad():
+            return backbone.model(**backbone.model_inputs(enc), use_cache=False, logits_to_keep=1)
+
+    # per sample the fastest of ``repeats`` timings (as timeit does), then the median
     if method == "passes":
         plain, ground = [float("inf")] * len(samples), [float("inf")] * len(samples)
         for _ in range(args.repeats):
             for i, r in enumerate(samples):
                 enc = backbone.encode([r["image"]], text(r))
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    backbone.model(**backbone.model_inputs(enc), use_cache=False, logits_to_keep=1)
-                if cuda:
-                    torch.cuda.synchronize()
-                plain[i] = min(plain[i], time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                token_saliency(backbone, r["image"], text(r))
-                if cuda:
-                    torch.cuda.synchronize()
-                ground[i] = min(ground[i], time.perf_counter() - t0)
+                plain[i] = min(plain[i], timed(lambda: plain_forward(enc))[0])  # noqa: B023
+                ground[i] = min(ground[i], timed(lambda: token_saliency(backbone, r["image"], text(r)))[0])  # noqa: B023
         return {"forward_s": statistics.median(plain), "grounding_s": statistics.median(ground)}
     cfg = EggConfig(**METHODS[method]) if method != "vanilla" else None
-    times = [float("inf")] * len(samples)
-    for rep in range(args.repeats):  # per sample the fastest repeat (as timeit does), then the median
+    times, fwd, bwd = [float("inf")] * len(samples), [], []
+    for rep in range(args.repeats):
         for i, r in enumerate(samples):
-            t0 = time.perf_counter()
             if cfg is None:
-                _, trace = run_vanilla(backbone, r["image"], text(r))
+                t, (_, trace) = timed(lambda: run_vanilla(backbone, r["image"], text(r)))  # noqa: B023
             else:
-                _, trace = run_egg(backbone, r["image"], text(r), cfg)
-            if cuda:
-                torch.cuda.synchronize()
-            times[i] = min(times[i], time.perf_counter() - t0)
+                t, (_, trace) = timed(lambda: run_egg(backbone, r["image"], text(r), cfg))  # noqa: B023
+            times[i] = min(times[i], t)
             if rep == 0:
                 fwd.append(trace.counters.n_forward)
                 bwd.append(trace.counters.n_backward)
