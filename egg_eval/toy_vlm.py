@@ -5,7 +5,7 @@ patches: an 8x8 token grid per image), the stock two-layer projector and a tiny 
 an offline word-level tokenizer and the stock ``LlavaProcessor`` / CLIP image processor.
 It is saved with ``save_pretrained`` and loads through the ``llava15`` adapter.
 
-Training (``train``; ``scripts/train_toy_vlm.py``) has two stages, because a spike showed
+Training (``train``; ``scripts/train_toy_vlm.py``) has three stages, because a spike showed
 that end-to-end training on the question answering task stays at chance:
 
 1. **reading**: the vision tower alone, with two throw-away linear heads, learns for
@@ -21,10 +21,17 @@ that end-to-end training on the question answering task stays at chance:
    crops (around evidence squares, around distractors, or anywhere), the views EGG makes.
    Loss on the answer token and ``</s>``, plus ``look_weight`` times -log of the last
    layer's attention mass (from the position that predicts the answer, every head) on the
-   tokens of the evidence squares. Without it the second toy read the queried square
-   through diffuse attention (30-43% of its image attention on the evidence) and its
-   entropy gradients lit every digit in the scene; a 7B VLM learns where to look from
-   far more data than a CPU budget allows, so the toy is told.
+   tokens of the evidence squares.
+3. **pointing**: stage 2 again on fresh scenes, plus ``hop_weight`` times -log of the
+   FIRST layer's attention mass at that position on the question's colour words. After
+   stage 2 alone the toy attended equally to the three coloured squares (the last
+   layer's evidence mass sat at 1/3, loss ln 3): a two-hop lookup (colour word -> query
+   -> square of that colour) at a saddle, because the answer position never carried the
+   colour for the second hop to use. Supervising the first hop breaks it: the EGG map's
+   peak on the evidence went from 45% to 74% (``scripts/diagnose_toy.py``). Supervising
+   it from the start of stage 2 instead locked the attention before the toy could read:
+   the answer stayed at chance for 3,000 steps. A 7B VLM learns where to look from far
+   more data than a CPU budget allows, so the toy is told.
 
 Everything is seeded; batches are drawn on the fly from a per-step seed, so a run is a
 pure function of its settings (same seed, threads and machine -> same checkpoint bytes).
@@ -309,6 +316,9 @@ def prompt_text(n_images: int, text: str) -> str:
 
 
 # ------------------------------------------------------------------ training
+POINT_SEED = 777_000_000  # stage 3's batch seeds start here, apart from stage 2's (held-out scenes are never drawn)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
@@ -321,7 +331,9 @@ class TrainConfig:
     qa_lr: float = 1e-3
     tower_lr_scale: float = 0.3
     pair_fraction: float = 0.4
-    look_weight: float = 0.5  # attention on the evidence where the answer is read (see train)
+    look_weight: float = 0.5  # last-layer attention on the evidence where the answer is read (see train_answering)
+    point_steps: int = 2000  # stage 3: answering with hop_weight (see train_answering)
+    hop_weight: float = 1.0  # first-layer attention on the question's colour words (see train_answering)
     log_every: int = 100
 
 
@@ -334,16 +346,40 @@ def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
 def train(
     cfg: TrainConfig = TrainConfig(), log: Callable[[str], None] = print
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, dict]:
-    """Train the toy from scratch (both stages); returns model, processor and a log of losses."""
+    """Train the toy from scratch (all three stages); returns model, processor and a log of losses."""
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
     model, proc = build(cfg.seed)
-    tok = proc.tokenizer
     model.train()
     history: dict = {"config": asdict(cfg), "read": [], "qa": []}
     t0 = time.perf_counter()
+    train_reading(
+        model, cfg, lambda rec: (history["read"].append(rec), log(f"read {rec} {time.perf_counter() - t0:.0f}s"))
+    )
+    train_answering(
+        model,
+        proc.tokenizer,
+        cfg,
+        lambda rec: (history["qa"].append(rec), log(f"qa {rec} {time.perf_counter() - t0:.0f}s")),
+    )
+    # stage 3: the same task with the first hop supervised too, on fresh scenes (see train_answering)
+    history["point"] = []
+    train_answering(
+        model,
+        proc.tokenizer,
+        cfg,
+        lambda rec: (history["point"].append(rec), log(f"point {rec} {time.perf_counter() - t0:.0f}s")),
+        steps=cfg.point_steps,
+        hop_weight=cfg.hop_weight,
+        seed=cfg.seed * 104_729 + POINT_SEED,
+    )
+    history["train_s"] = round(time.perf_counter() - t0, 1)
+    model.eval()
+    return model, proc, history
 
-    # stage 1: reading, on the vision tower with per-token heads
+
+def train_reading(model: LlavaForConditionalGeneration, cfg: TrainConfig, log: Callable[[dict], None]) -> None:
+    """Stage 1: the vision tower alone, with throw-away per-token colour and digit heads."""
     tower = model.model.vision_tower
     hidden = model.config.vision_config.hidden_size
     g = torch.Generator().manual_seed(cfg.seed)
@@ -380,17 +416,39 @@ def train(
             if crop_digits.any():
                 acc_d = 0.9 * acc_d + 0.1 * float((ld.argmax(-1)[crop_digits] == yd[crop_digits]).float().mean())
         if step % cfg.log_every == 0 or step == cfg.read_steps - 1:
-            rec = {
-                "step": step,
-                "loss": round(float(loss.detach()), 4),
-                "colour_acc": round(acc_c, 3),
-                "crop_digit_acc": round(acc_d, 3),
-            }
-            history["read"].append(rec)
-            log(f"read {rec} {time.perf_counter() - t0:.0f}s")
+            log(
+                {
+                    "step": step,
+                    "loss": round(float(loss.detach()), 4),
+                    "colour_acc": round(acc_c, 3),
+                    "crop_digit_acc": round(acc_d, 3),
+                }
+            )
 
-    # stage 2: answering, the whole model
-    tower_params = list(tower.parameters())
+
+def _attention_mass(att: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """-log of the attention mass (B, heads, L) that falls on the positions ``where`` (B, L), mean."""
+    return -torch.log((att * where[:, None, :]).sum(-1) + 1e-6).mean()
+
+
+def train_answering(
+    model: LlavaForConditionalGeneration,
+    tok,
+    cfg: TrainConfig,
+    log: Callable[[dict], None],
+    steps: int | None = None,
+    hop_weight: float = 0.0,
+    seed: int | None = None,
+) -> None:
+    """Stages 2 and 3: the whole model answers questions about the whole image plus 0-2 crops,
+    for ``steps`` (default ``cfg.qa_steps``) batches drawn from ``seed`` onwards.
+
+    Besides the answer loss, two attention losses at the position that predicts the answer
+    (every head): ``look_weight`` on the last layer's attention to the evidence squares'
+    visual tokens and ``hop_weight`` (stage 3) on the first layer's attention to the
+    question's colour words; see the module docstring for why and when.
+    """
+    tower_params = list(model.model.vision_tower.parameters())
     tower_ids = {id(p) for p in tower_params}
     rest = [p for p in model.parameters() if id(p) not in tower_ids]
     opt = torch.optim.AdamW(
@@ -398,34 +456,38 @@ def train(
         lr=cfg.qa_lr,
         weight_decay=0.01,
     )
-    if cfg.look_weight > 0:
+    steps = cfg.qa_steps if steps is None else steps
+    seed = cfg.seed * 104_729 if seed is None else seed
+    attend = cfg.look_weight > 0 or hop_weight > 0
+    if attend:
         model.set_attn_implementation("eager")  # attention weights are returned by the eager kernel only
+    colour_ids = torch.tensor(tok.convert_tokens_to_ids(sorted(COLOURS)))
     rng = random.Random(cfg.seed + 1)
     acc = 0.0
-    for step in range(cfg.qa_steps):
+    for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg.qa_steps, cfg.qa_lr) * group["scale"]
+            group["lr"] = _lr(step, steps, cfg.qa_lr) * group["scale"]
         kind = "pair" if rng.random() < cfg.pair_fraction else "single"
         n_crops = rng.choices([0, 1, 2], weights=[0.3, 0.35, 0.35])[0]
-        ids, x, labels, target = qa_batch(cfg.seed * 104_729 + step, cfg.qa_batch, kind, n_crops, tok)
+        ids, x, labels, target = qa_batch(seed + step, cfg.qa_batch, kind, n_crops, tok)
         out = model(
             input_ids=ids,
             pixel_values=x,
             attention_mask=torch.ones_like(ids),
             labels=labels,
-            output_attentions=cfg.look_weight > 0,
+            output_attentions=attend,
         )
         loss = out.loss
-        look = torch.zeros(())
+        look = hop = torch.zeros(())
         if cfg.look_weight > 0:
-            # where the answer is read: the last layer's attention from the position that
-            # predicts the answer token, every head, onto the evidence squares' tokens
-            att = out.attentions[-1][:, :, -3, :]  # (B, heads, L)
             img = ids == model.config.image_token_id  # (B, L), visual tokens in prompt order
             on_evidence = torch.zeros_like(img)
             on_evidence[img] = target.reshape(-1)
-            look = -torch.log((att * on_evidence[:, None, :]).sum(-1) + 1e-6).mean()
+            look = _attention_mass(out.attentions[-1][:, :, -3, :], on_evidence)
             loss = loss + cfg.look_weight * look
+        if hop_weight > 0:
+            hop = _attention_mass(out.attentions[0][:, :, -3, :], torch.isin(ids, colour_ids))
+            loss = loss + hop_weight * hop
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -433,21 +495,19 @@ def train(
         with torch.no_grad():
             pred = out.logits[:, -3].argmax(-1)
             acc = 0.95 * acc + 0.05 * float((pred == ids[:, -2]).float().mean())
-        if step % cfg.log_every == 0 or step == cfg.qa_steps - 1:
-            rec = {
-                "step": step,
-                "kind": kind,
-                "crops": n_crops,
-                "loss": round(float(out.loss.detach()), 4),
-                "look": round(float(look.detach()), 4),
-                "acc": round(acc, 3),
-            }
-            history["qa"].append(rec)
-            log(f"qa {rec} {time.perf_counter() - t0:.0f}s")
-    history["train_s"] = round(time.perf_counter() - t0, 1)
+        if step % cfg.log_every == 0 or step == steps - 1:
+            log(
+                {
+                    "step": step,
+                    "kind": kind,
+                    "crops": n_crops,
+                    "loss": round(float(out.loss.detach()), 4),
+                    "look": round(float(look.detach()), 4),
+                    "hop": round(float(hop.detach()), 4),
+                    "acc": round(acc, 3),
+                }
+            )
     model.set_attn_implementation("sdpa")
-    model.eval()
-    return model, proc, history
 
 
 def save(model, proc, out: str | Path, history: dict | None = None) -> str:
