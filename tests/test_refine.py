@@ -189,6 +189,42 @@ def test_answer_reuses_grounding_features_exactly(tiny_backbones, family):
     assert text == answer_with_views(bb, img, "q", views)
 
 
+def test_answer_on_reused_features_skips_the_pixel_processing(tiny_backbones, family):
+    """LLaVA-1.5 has a token count per image fixed by the image's size, so the answer pass
+    on reused embeddings only tokenizes: the same ids and mask as the processor, and the
+    image processor is never called. The other families' counts come out of the pixel
+    processing (tiles, dynamic grids), so they keep running the processor."""
+    bb = tiny_backbones[family]
+    img = noise_image(200, 150, seed=5)
+    crops = [img, img.crop((20, 10, 120, 90)), img.crop((0, 0, 37, 141))]
+    fast = bb.encode_text(crops, "what is here?")
+    if family != "llava15":
+        assert fast is None
+        return
+    full = bb.encode(crops, "what is here?")
+    assert set(fast) == set(full) - set(bb.vision_keys)
+    for k, v in fast.items():
+        assert torch.equal(v, full[k]), k
+    feats = [token_saliency(bb, c, "q").features for c in crops]
+    ref = bb.answer(crops, "q", features=feats)
+    real, calls = bb.processor.image_processor, []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, *a, **k):
+            calls.append(1)
+            return real(*a, **k)
+
+    bb.processor.image_processor = Spy()
+    try:
+        assert bb.answer(crops, "q", features=feats) == ref == bb.answer(crops, "q")
+        assert len(calls) == 1  # only the pixel path of the last call
+    finally:
+        bb.processor.image_processor = real
+
+
 def test_run_egg_answers_from_cached_features(tiny_backbones, monkeypatch):
     bb = tiny_backbones["llava15"]
     img = noise_image(300, 170, seed=11)

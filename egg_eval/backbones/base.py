@@ -251,6 +251,17 @@ class Backbone:
             out[k] = v
         return out
 
+    def encode_text(self, images: Sequence[Image.Image], text: str) -> dict[str, torch.Tensor] | None:
+        """``encode`` without the image processor's pixel work, for a pass whose visual
+        embeddings are given (``inputs_with_features``): the prompt expanded and tokenized
+        as the processor does. ``None`` where the text depends on the pixels' processing
+        (the default); the caller then runs :meth:`encode`."""
+        return None
+
+    def _encode_for(self, images: Sequence[Image.Image], text: str, features) -> dict[str, torch.Tensor]:
+        enc = self.encode_text(images, text) if features is not None else None
+        return self.encode(images, text) if enc is None else enc
+
     # ---------------------------------------------------------- visual leaves
     def _image_features(self, enc: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Projected visual embeddings per image, via the model's own ``get_image_features``."""
@@ -382,7 +393,7 @@ class Backbone:
         """Greedy answer from ``images`` (whole image first, then crops) as real images in one
         prompt; ``features`` (one entry per image) reuses their already computed embeddings."""
         t0 = time.perf_counter()
-        enc = self.encode(images, text)
+        enc = self._encode_for(images, text, features)
         out = self.model.generate(
             **self.inputs_with_features(enc, features),
             do_sample=False,
@@ -408,7 +419,7 @@ class Backbone:
         """Mean token negative log-likelihood of each option's text as the assistant's answer
         (V*'s official protocol picks the option with the lowest)."""
         t0 = time.perf_counter()
-        enc = self.encode(images, text)
+        enc = self._encode_for(images, text, features)
         tok = self.processor.tokenizer
         out = []
         for opt in options:

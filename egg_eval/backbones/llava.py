@@ -8,6 +8,7 @@ seen; token (r, c) covers crop pixels [14c, 14c+14) x [14r, 14r+14).
 from __future__ import annotations
 
 import numpy as np
+import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import ChannelDimension
@@ -53,6 +54,21 @@ class Llava(Backbone):
             return_dict=True,
         )
         return list(out.pooler_output)
+
+    def encode_text(self, images, text):
+        """Each image's token count follows from its size alone (:meth:`token_boxes`), so the
+        prompt is expanded as ``LlavaProcessor`` does and only tokenized: the answer pass on
+        reused embeddings skips resizing and normalising every view's pixels."""
+        if self.max_images is not None and len(images) > self.max_images:
+            return None
+        token = self.processor.image_token
+        parts = self.prompt(len(images), text).split(token)
+        if len(parts) != len(images) + 1:
+            return None
+        counts = [len(self.token_boxes(None, 0, im.size)[0]) for im in images]
+        prompt = parts[0] + "".join(token * n + rest for n, rest in zip(counts, parts[1:]))
+        batch = self.processor.tokenizer(prompt, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def token_boxes(self, enc, image_index, image_size):
         ip = self.processor.image_processor
