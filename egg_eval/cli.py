@@ -84,7 +84,7 @@ def build(cfg: DictConfig):
     from egg_eval.backbones import load_backbone
     from egg_eval.backbones.tiny import save_tiny
     from egg_eval.data.benchmarks import iter_samples
-    from egg_eval.data.toy import write_toy_subset
+    from egg_eval.data.toy import subset_dirname, write_toy_subset
     from egg_eval.grounding.refine import EggConfig, answer_by_likelihood, answer_with_views, run_egg, run_vanilla
     from egg_eval.grounding.regions import RegionParams
 
@@ -109,7 +109,7 @@ def build(cfg: DictConfig):
     data_path = d.get("path")
     if d.get("toy"):
         n = d.get("toy_n") or 4
-        data_path = Path(cfg.cache_dir) / "toy" / (d.toy if n == 4 else f"{d.toy}_{n}")
+        data_path = Path(cfg.cache_dir) / "toy" / subset_dirname(d.toy, n)
         if not data_path.exists():
             write_toy_subset(d.toy, data_path, n=n)
         if spec.boxes_id:  # the toy writes its side dataset of boxes next to the rows

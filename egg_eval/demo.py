@@ -12,7 +12,7 @@ Methods, all on the same samples and model:
   cropping gives without grounding).
 
 Scores are exact match on the single answer token, split by question kind (``single``:
-one evidence square; ``pair``: the sum of two). IoU is the top region's (the first crop
+one evidence square; ``pair``: the larger of two). IoU is the top region's (the first crop
 the answer saw) with the best-matching evidence box; 0 when no crop was made.
 """
 

@@ -17,7 +17,7 @@ that end-to-end training on the question answering task stays at chance:
    gradient vanishes (dH/dz_i = -p_i (log p_i + H) = 0), and a first toy trained to a
    flat prior gave EGG maps of pure noise.
 2. **answering**: the whole model, on "what is the digit in the red square?" and "what
-   is the sum of the digits in the red and blue squares?", with the whole image plus 0-2
+   is the larger of the digits in the red and blue squares?", with the whole image plus 0-2
    crops (around evidence squares, around distractors, or anywhere), the views EGG makes.
    Loss on the answer token and ``</s>``, plus ``look_weight`` times -log of the last
    layer's attention mass (from the position that predicts the answer, every head) on the

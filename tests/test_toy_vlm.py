@@ -39,7 +39,7 @@ def test_questions_answers_and_evidence():
     q, a, ev = question(rng, squares, "single")
     assert q == SINGLE.format(ev[0].colour) and a == str(ev[0].digit)
     q, a, ev = question(rng, squares, "pair")
-    assert q == PAIR.format(ev[0].colour, ev[1].colour) and a == str(ev[0].digit + ev[1].digit)
+    assert q == PAIR.format(ev[0].colour, ev[1].colour) and a == str(max(ev[0].digit, ev[1].digit))
     assert {e.colour for e in ev} <= {s.colour for s in squares} and "grey" not in {e.colour for e in ev}
     r = next(rows(1, seed=7))
     assert set(r) == {"id", "image", "question", "answers", "bbox", "kind"} and len(r["bbox"]) in (1, 2)
@@ -107,31 +107,34 @@ def test_the_builtin_default_is_the_trained_toy_on_detail(tmp_path):
     from test_harness import cfg_for
 
     from egg_eval.cli import main
+    from egg_eval.data.toy import VERSIONS
 
     cfg = cfg_for(tmp_path, "dataset.toy_n=12")
     assert cfg.backbone.name == "toy_llava" and Path(cfg.backbone.path) == CHECKPOINT
     assert cfg.dataset.name == "detail" and cfg.method.name == "egg" and cfg.method.sigma == 0.5
     summary = main(cfg)
     assert summary["n_samples"] == 12 and summary["n_failures"] == 0
+    # the rows are cached under the generator's version: an older cache is never reused
+    assert (Path(cfg.cache_dir) / "toy" / f"detail_12_v{VERSIONS['detail']}" / "test.parquet").exists()
     run_dir = next((tmp_path / "runs").glob("detail/toy_llava/*"))
     assert len(list((run_dir / "pictures").glob("*.png"))) == 8 and (run_dir / "gallery.html").exists()
 
 
 def test_demo_numbers_on_a_fixed_subset_stay_in_their_band(toy):
     """Regression guard for the shipped checkpoint, not a speed test. Measured here (40 held-out
-    scenes, 18 single-region): vanilla 44.4% single; EGG K=1 72.2% single, IoU 0.32, hit 100%;
-    EGG K=2 IoU 0.30; oracle crop 72.2% single, IoU 0.44. Bands allow a few flipped answers on
+    scenes, 18 single-region): vanilla 55.6% single; EGG K=1 83.3% single, IoU 0.36, hit 100%;
+    EGG K=2 IoU 0.25; oracle crop 94.4% single, IoU 0.44. Bands allow a few flipped answers on
     another BLAS."""
     from egg_eval.demo import HELD_OUT_SEED, evaluate
 
     t = evaluate(toy, rows(40, seed=HELD_OUT_SEED), methods=["vanilla", "egg_k1", "egg_k2", "oracle"])
     assert t["vanilla"]["n_single"] == 18 and t["vanilla"]["iou"] == 0.0
-    assert t["vanilla"]["single_acc"] <= 0.6  # digits barely legible in the whole image
+    assert t["vanilla"]["single_acc"] <= 0.7  # digits barely legible in the whole image
     assert t["oracle"]["single_acc"] >= 0.6  # legible in a crop
     assert 0.35 <= t["oracle"]["iou"] <= 0.55
     assert t["egg_k1"]["single_acc"] >= t["vanilla"]["single_acc"] + 0.15  # EGG finds the square
     assert t["egg_k1"]["hit"] >= 0.9 and 0.25 <= t["egg_k1"]["iou"] <= 0.45
-    assert 0.2 <= t["egg_k2"]["iou"] <= 0.45
+    assert 0.15 <= t["egg_k2"]["iou"] <= 0.45
 
 
 def test_diagnose_toy_reports_where_the_maps_and_attention_peak(toy):

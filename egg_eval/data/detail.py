@@ -8,7 +8,12 @@ is not. In a crop of about twice the square's side the digit spans ~10x16 input 
 and is easy to read. Two kinds of question:
 
 - ``single``: "What is the digit in the red square?"  -> one evidence box
-- ``pair``:   "What is the sum of the digits in the red and blue squares?" -> two boxes
+- ``pair``:   "What is the larger of the digits in the red and blue squares?" -> two boxes
+
+The two-region question asks for the larger digit rather than the sum: the toy's two-layer
+text model did not learn to add within the CPU budget (sum accuracy stayed at 10% after
+4,000 mixed and 800 more pair-only steps), while the larger of two digits, which equally
+needs both squares read, reached 38% within 800 pair-only steps of a fine-tune.
 
 Rows are written in an HF-datasets schema like the real benchmarks: ``id``, ``image``,
 ``question``, ``answers`` (list), ``bbox`` (list of ``[x0, y0, x1, y1]`` pixel boxes),
@@ -44,7 +49,7 @@ COLOURS = {
     "cyan": (30, 175, 195),
 }
 SINGLE = "What is the digit in the {} square?"
-PAIR = "What is the sum of the digits in the {} and {} squares?"
+PAIR = "What is the larger of the digits in the {} and {} squares?"
 
 
 @dataclass
@@ -128,7 +133,7 @@ def question(rng: random.Random, squares: list[Square], kind: str) -> tuple[str,
         return SINGLE.format(s.colour), str(s.digit), [s]
     if kind == "pair":
         a, b = rng.sample(coloured, 2)
-        return PAIR.format(a.colour, b.colour), str(a.digit + b.digit), [a, b]
+        return PAIR.format(a.colour, b.colour), str(max(a.digit, b.digit)), [a, b]
     raise ValueError(f"unknown question kind {kind!r}")
 
 

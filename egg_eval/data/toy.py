@@ -70,6 +70,17 @@ def _write(rows: dict, path: Path) -> None:
     Dataset.from_dict(rows, features=Features(features)).to_parquet(str(path))
 
 
+# Bumped when a generator's rows change, so that a cache written by an older version is not
+# reused (detail v2: the two-region question asks for the larger digit, no longer the sum).
+VERSIONS = {"detail": 2}
+
+
+def subset_dirname(name: str, n: int = 4) -> str:
+    """The cache directory name of ``n`` toy rows of ``name`` (its generator version included)."""
+    base = name if n == 4 else f"{name}_{n}"
+    return f"{base}_v{VERSIONS[name]}" if name in VERSIONS else base
+
+
 def write_toy_subset(name: str, out_dir: str | Path, n: int = 4, seed: int = 0) -> Path:
     """Write ``n`` toy rows of benchmark ``name`` in its own schema under ``out_dir``."""
     out = Path(out_dir)
