@@ -242,6 +242,7 @@ def run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list 
     rec_path = out / "records.jsonl"
     records = read_records(rec_path)
     done = {r["id"] for r in records}
+    asked = {r["id"]: r.get("question") for r in records}
     bar = None
     if info.progress:
         from tqdm import tqdm
@@ -251,6 +252,13 @@ def run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list 
     with open(rec_path, "a") as f:
         for sample in samples:
             if sample.id in done:
+                if asked.get(sample.id) not in (None, sample.question):
+                    raise ValueError(
+                        f"{rec_path} already holds sample {sample.id!r} with another question "
+                        f"({asked[sample.id]!r}, now {sample.question!r}): the data changed since that run. "
+                        "Resume only the same data; for new data use another output directory "
+                        "(output_root=... or run_id=...) or move the old one away."
+                    )
                 continue
             t0 = time.perf_counter()
             prediction, trace, error = None, None, sample.error

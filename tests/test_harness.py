@@ -126,6 +126,21 @@ def test_resume_continues_without_loss_or_double_scoring(tmp_path):
     assert a == b
 
 
+def test_resume_refuses_records_of_other_data(tmp_path):
+    """A run folder written for other data under the same ids (e.g. a regenerated toy set)
+    is not silently mixed in: the rerun stops with a clear error and the file is untouched."""
+    main(cfg_for(tmp_path, "dataset=detail_toy", "method.max_rounds=2", "dataset.limit=2"))
+    rec = next((tmp_path / "runs").glob("*/*/*/records.jsonl"))
+    lines = rec.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["question"] = "What is the sum of the digits in the red and blue squares?"
+    stale = "\n".join([json.dumps(first), *lines[1:]]) + "\n"
+    rec.write_text(stale)
+    with pytest.raises(ValueError, match="the data changed"):
+        main(cfg_for(tmp_path, "dataset=detail_toy", "method.max_rounds=2"))
+    assert rec.read_text() == stale
+
+
 def test_corrupt_image_and_empty_question_are_recorded_and_the_run_completes(tmp_path):
     from datasets import Dataset, Features, Image, Sequence, Value
     from PIL import Image as PILImage
