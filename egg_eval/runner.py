@@ -241,8 +241,7 @@ def run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list 
     out.mkdir(parents=True, exist_ok=True)
     rec_path = out / "records.jsonl"
     records = read_records(rec_path)
-    done = {r["id"] for r in records}
-    asked = {r["id"]: r.get("question") for r in records}
+    done = {r["id"]: r.get("question") for r in records}  # id -> the question it was asked with
     bar = None
     if info.progress:
         from tqdm import tqdm
@@ -252,10 +251,10 @@ def run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list 
     with open(rec_path, "a") as f:
         for sample in samples:
             if sample.id in done:
-                if asked.get(sample.id) not in (None, sample.question):
+                if done[sample.id] not in (None, sample.question):
                     raise ValueError(
                         f"{rec_path} already holds sample {sample.id!r} with another question "
-                        f"({asked[sample.id]!r}, now {sample.question!r}): the data changed since that run. "
+                        f"({done[sample.id]!r}, now {sample.question!r}): the data changed since that run. "
                         "Resume only the same data; for new data use another output directory "
                         "(output_root=... or run_id=...) or move the old one away."
                     )
@@ -277,7 +276,7 @@ def run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list 
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
-            done.add(sample.id)
+            done[sample.id] = sample.question
             records.append(rec)
             for lg in loggers:
                 lg.log_record(rec)

@@ -239,8 +239,7 @@ class Backbone:
 
     def encode(self, images: Sequence[Image.Image], text: str) -> dict[str, torch.Tensor]:
         """The model's own processor on ``images`` (in order) and the chat-templated ``text``."""
-        if self.max_images is not None and len(images) > self.max_images:
-            raise ValueError(f"{self.family} takes at most {self.max_images} images per prompt, got {len(images)}")
+        self._check_image_count(images)
         batch = self.processor(images=list(images), text=self.prompt(len(images), text), return_tensors="pt")
         out = {}
         for k, v in batch.items():
@@ -258,7 +257,13 @@ class Backbone:
         (the default); the caller then runs :meth:`encode`."""
         return None
 
+    def _check_image_count(self, images: Sequence[Image.Image]) -> None:
+        if self.max_images is not None and len(images) > self.max_images:
+            raise ValueError(f"{self.family} takes at most {self.max_images} images per prompt, got {len(images)}")
+
     def _encode_for(self, images: Sequence[Image.Image], text: str, features) -> dict[str, torch.Tensor]:
+        """:meth:`encode_text` where ``features`` are given and the backbone can, else :meth:`encode`."""
+        self._check_image_count(images)
         enc = self.encode_text(images, text) if features is not None else None
         return self.encode(images, text) if enc is None else enc
 

@@ -59,8 +59,6 @@ class Llava(Backbone):
         """Each image's token count follows from its size alone (:meth:`token_boxes`), so the
         prompt is expanded as ``LlavaProcessor`` does and only tokenized: the answer pass on
         reused embeddings skips resizing and normalising every view's pixels."""
-        if self.max_images is not None and len(images) > self.max_images:
-            return None
         token = self.processor.image_token
         parts = self.prompt(len(images), text).split(token)
         if len(parts) != len(images) + 1:
