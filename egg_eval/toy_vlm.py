@@ -352,24 +352,24 @@ def train(
     torch.use_deterministic_algorithms(True)
     model, proc = build(cfg.seed)
     model.train()
-    history: dict = {"config": asdict(cfg), "read": [], "qa": []}
+    history: dict = {"config": asdict(cfg), "read": [], "qa": [], "point": []}
     t0 = time.perf_counter()
-    train_reading(
-        model, cfg, lambda rec: (history["read"].append(rec), log(f"read {rec} {time.perf_counter() - t0:.0f}s"))
-    )
-    train_answering(
-        model,
-        proc.tokenizer,
-        cfg,
-        lambda rec: (history["qa"].append(rec), log(f"qa {rec} {time.perf_counter() - t0:.0f}s")),
-    )
+
+    def stage_log(stage: str) -> Callable[[dict], None]:
+        def record(rec: dict) -> None:
+            history[stage].append(rec)
+            log(f"{stage} {rec} {time.perf_counter() - t0:.0f}s")
+
+        return record
+
+    train_reading(model, cfg, stage_log("read"))
+    train_answering(model, proc.tokenizer, cfg, stage_log("qa"))
     # stage 3: the same task with the first hop supervised too, on fresh scenes (see train_answering)
-    history["point"] = []
     train_answering(
         model,
         proc.tokenizer,
         cfg,
-        lambda rec: (history["point"].append(rec), log(f"point {rec} {time.perf_counter() - t0:.0f}s")),
+        stage_log("point"),
         steps=cfg.point_steps,
         hop_weight=cfg.hop_weight,
         seed=cfg.seed * 104_729 + POINT_SEED,
