@@ -28,6 +28,37 @@ def shard_of(cfg: DictConfig) -> tuple[int, int]:
     return index, count
 
 
+# Settings a sample's record does not depend on: where outputs go and how they are shown,
+# which samples run (limit, shard), the device, the speed options that are exact by
+# construction, and the checkpoint's path (its weights are fingerprinted instead).
+NOT_IN_RESULT = (
+    "progress",
+    "output_root",
+    "output_dir",
+    "cache_dir",
+    "pictures",
+    "logger",
+    "shard",
+    "dataset.limit",
+    "backbone.device",
+    "backbone.path",
+    "method.batch_views",
+    "method.reuse_features",
+    "method.checkpoint_layers",
+)
+
+
+def run_fingerprint(resolved: dict, model: dict) -> dict:
+    """What a run's records depend on (compared on resume): the resolved settings less
+    :data:`NOT_IN_RESULT`, and the weights' identity (``Backbone.fingerprint``)."""
+    from egg_eval.runner import flatten
+
+    settings = {
+        k: v for k, v in flatten(resolved).items() if not any(k == x or k.startswith(x + ".") for x in NOT_IN_RESULT)
+    }
+    return {"settings": settings, "model": model}
+
+
 def run_id(cfg: DictConfig) -> str:
     """A stable folder name from the settings that change results (the key for resume)."""
     m, s = cfg.method, cfg.stopping
@@ -181,6 +212,7 @@ def main(cfg: DictConfig) -> dict:
         model_revision=backbone.revision,
         progress=cfg.progress,
         pictures=cfg.get("pictures") or 0,
+        fingerprint=run_fingerprint(resolved, backbone.fingerprint()),
     )
     summary = run(samples, method, info, loggers)
     log.info(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from egg_eval.runner import RunInfo, finalize, read_records
+from egg_eval.runner import MANIFEST, RunInfo, check_manifest, finalize, fingerprint_changes, read_records
 
 SHARD = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
@@ -39,6 +39,13 @@ def merge(run_dir: str | Path, tables_dir: str | Path | None = None) -> dict:
     missing = sorted(set(range(n)) - set(shards))
     if missing:
         raise FileNotFoundError(f"shards {missing} of {n} are missing under {run_dir}")
+    prints = [json.loads(p.read_text()) if (p := shards[i][1] / MANIFEST).exists() else None for i in range(n)]
+    for i in range(1, n):
+        changes = fingerprint_changes(prints[0], prints[i]) if prints[0] and prints[i] else []
+        if changes:
+            raise ValueError(
+                f"shard {i} was run with other settings or another model than shard 0: {'; '.join(changes)}"
+            )
     per_shard = [read_records(shards[i][1] / "records.jsonl") for i in range(n)]
     unfinished = [i for i in range(n) if not (shards[i][1] / "summary.json").exists()]
     if unfinished:
@@ -52,6 +59,8 @@ def merge(run_dir: str | Path, tables_dir: str | Path | None = None) -> dict:
                     raise ValueError(f"sample {rec['id']!r} appears in two shards")
                 seen.add(rec["id"])
                 merged.append(rec)
+    if prints[0]:
+        check_manifest(run_dir, prints[0])
     with open(run_dir / "records.jsonl", "w") as f:
         for rec in merged:
             f.write(json.dumps(rec) + "\n")
@@ -76,6 +85,7 @@ def merge(run_dir: str | Path, tables_dir: str | Path | None = None) -> dict:
         config={**config, "shard": {"index": None, "count": n}},
         seed=first.get("seed", 0),
         model_revision=first.get("model_revision"),
+        fingerprint=prints[0],
     )
     summary = finalize(run_dir, info)
     summary["n_shards"] = n

@@ -39,6 +39,47 @@ class RunInfo:
     model_revision: str | None = None
     progress: bool = True
     pictures: int = 0  # draw the first N samples (saliency overlay + boxes per round) into pictures/
+    fingerprint: dict[str, Any] | None = None  # what the records depend on; checked on resume (run.json)
+
+
+# -------------------------------------------------------------------- manifest
+MANIFEST = "run.json"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs between two fingerprints."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_manifest(out: Path, fingerprint: dict) -> None:
+    """Write ``out/run.json`` at a run's first start; on a resume, refuse to add records made
+    with other result-affecting settings or other weights than the ones already there."""
+    path = out / MANIFEST
+    new = json.loads(json.dumps(fingerprint, default=str))
+    if path.exists():
+        changes = fingerprint_changes(json.loads(path.read_text()), new)
+        if changes:
+            raise ValueError(
+                f"{out} holds a run made with other settings or another model ({'; '.join(changes)}). "
+                "Resuming would mix their records. Rerun with the settings of that run, or use another "
+                "output directory (output_dir=... or output_root=...) for the new ones."
+            )
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(new, indent=1, sort_keys=True))
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------- records
@@ -239,6 +280,8 @@ def run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list 
     loggers = loggers or []
     out = info.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    if info.fingerprint is not None:
+        check_manifest(out, info.fingerprint)
     rec_path = out / "records.jsonl"
     records = read_records(rec_path)
     done = {r["id"]: r.get("question") for r in records}  # id -> the question it was asked with
@@ -304,6 +347,7 @@ def finalize(out: Path, info: RunInfo, loggers: list | None = None) -> dict:
         "dataset_revision": info.spec.revision,
         "backbone": info.backbone,
         "model_revision": info.model_revision,
+        "fingerprint": info.fingerprint,
         "method": info.method,
         "metric": info.spec.metric,
         **aggregate(records, info.spec),

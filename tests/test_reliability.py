@@ -242,3 +242,59 @@ def test_two_identical_runs_give_identical_records(tmp_path):
         outs.append(next((tmp_path / name / "runs").glob("*/*/*/records.jsonl")).parent)
     a, b = _records(outs[0]), _records(outs[1])
     assert [{k: r[k] for k in STABLE} for r in a] == [{k: r[k] for k in STABLE} for r in b]
+
+
+def _toy_copy(dst: Path) -> Path:
+    import shutil
+
+    from egg_eval.toy_vlm import CHECKPOINT
+
+    shutil.copytree(CHECKPOINT, dst)
+    return dst
+
+
+def test_weights_digest_follows_the_bytes_not_the_place(tmp_path):
+    from egg_eval.backbones.base import weights_digest
+
+    a = _toy_copy(tmp_path / "a")
+    b = _toy_copy(tmp_path / "elsewhere" / "b")
+    assert weights_digest(a) == weights_digest(b)
+    (tmp_path / "big").mkdir()
+    big = tmp_path / "big" / "model.safetensors"
+    data = bytearray(np.random.default_rng(0).bytes(8 << 20))  # 8 MiB: sampled, not read whole
+    big.write_bytes(data)
+    before = weights_digest(big.parent)
+    data[-1] ^= 1  # the last byte lies in the last sampled block
+    big.write_bytes(data)
+    assert weights_digest(big.parent) != before
+    (tmp_path / "big" / "config.json").write_text("{}")
+    assert weights_digest(big.parent) not in (before, weights_digest(tmp_path / "a"))
+
+
+def test_resume_refuses_other_settings_or_weights_and_allows_a_moved_checkpoint(tmp_path):
+    """A resumed folder only takes records made like the ones in it: a changed setting that
+    is not in the folder name (here min_size), or retrained weights at the same path, stop
+    with the keys that changed; a checkpoint moved elsewhere and a speed option do not."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _toy_copy(tmp_path / "ckpt")
+    base = ["dataset=detail_toy", "method.max_rounds=2", f"backbone.path={ckpt}"]
+    main(cfg_for(tmp_path, *base, "dataset.limit=2"))
+    run_dir = next((tmp_path / "runs").glob("*/*/*"))
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["settings"]["method.min_size"] == 16 and "weights" in manifest["model"]
+    kept = (run_dir / "records.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"method\.min_size: 16 -> 32"):
+        main(cfg_for(tmp_path, *base, "method.min_size=32"))
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 0.01  # "retrained"
+    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.weights"):
+        main(cfg_for(tmp_path, *base))
+    assert (run_dir / "records.jsonl").read_text() == kept
+    moved = _toy_copy(tmp_path / "moved")
+    summary = main(
+        cfg_for(tmp_path, *base[:2], f"backbone.path={moved}", "method.batch_views=false", "dataset.limit=3")
+    )
+    assert summary["n_samples"] == 3 and (run_dir / "records.jsonl").read_text().startswith(kept)

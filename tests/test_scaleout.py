@@ -129,3 +129,13 @@ def test_bench_script_prints_its_table():
     # one batched pass per round: never more backward passes than grounding one view at a time
     assert results["egg"]["backward"] <= results["egg_one_view_per_pass"]["backward"]
     assert results["passes"]["grounding_s"] > 0 and "grounding pass" in out
+
+
+def test_merge_refuses_shards_run_with_other_settings(tmp_path):
+    base = ["backbone=tiny", "dataset=detail_toy", "method=vanilla", "shard.count=2"]
+    main(cfg_for(tmp_path, *base, "shard.index=0"))
+    main(cfg_for(tmp_path, *base, "shard.index=1", "backbone.max_new_tokens=3"))
+    run_dir = next((tmp_path / "runs").glob("*/*/*"))
+    with pytest.raises(ValueError, match=r"shard 1 .*backbone\.max_new_tokens: 8 -> 3"):
+        merge(run_dir)
+    assert not (run_dir / "records.jsonl").exists()

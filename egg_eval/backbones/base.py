@@ -9,6 +9,7 @@ token lies in the view (``token_boxes``). Everything else is here, once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -193,6 +194,8 @@ class Backbone:
         self.name = name or self.family
         self.counters = Counters()
         self.revision: str | None = None
+        self.source: str | None = None  # the hub id or directory it was loaded from
+        self.weights_digest: str | None = None  # of a local directory's files (see weights_digest)
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -220,7 +223,17 @@ class Backbone:
         processor = cls.processor_class.from_pretrained(path, **pkw)
         bb = cls(model, processor, max_new_tokens=max_new_tokens, name=name)
         bb.revision = revision or getattr(model.config, "_commit_hash", None)
+        bb.source = path
+        if Path(path).is_dir():
+            bb.weights_digest = weights_digest(path)
         return bb
+
+    def fingerprint(self) -> dict[str, str | None]:
+        """What identifies the weights for resume checks: a local directory by its files'
+        digest (wherever it lies), a hub model by its id and commit."""
+        if self.weights_digest is not None:
+            return {"weights": self.weights_digest}
+        return {"source": self.source, "revision": self.revision}
 
     @property
     def device(self) -> torch.device:
@@ -456,6 +469,33 @@ class Backbone:
     def token_layout(self, enc: dict[str, torch.Tensor], image_index: int, image_size: tuple[int, int]) -> TokenLayout:
         boxes, groups = self.token_boxes(enc, image_index, image_size)
         return TokenLayout.from_token_boxes(boxes, groups, image_size)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_digest(path: str | Path, chunks: int = 32, chunk_bytes: int = 1 << 16) -> str:
+    """sha256 over a checkpoint directory's config and weight files: each file's name and
+    size, then the whole file if it is small, else ``chunks`` blocks spread evenly from its
+    first to its last byte (about 2 MiB read per file, so a 16 GB model is fingerprinted in
+    well under a second). A retrained or fine-tuned checkpoint changes the bytes of nearly
+    every tensor and so the digest; it is a change detector for resume, not a signature."""
+    root = Path(path)
+    h = hashlib.sha256()
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
+    )
+    for p in files:
+        size = p.stat().st_size
+        h.update(f"{p.relative_to(root).as_posix()}\0{size}\0".encode())
+        with open(p, "rb") as f:
+            if size <= chunks * chunk_bytes:
+                h.update(f.read())
+                continue
+            for i in range(chunks):
+                f.seek((size - chunk_bytes) * i // (chunks - 1))
+                h.update(f.read(chunk_bytes))
+    return h.hexdigest()
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
