@@ -229,3 +229,16 @@ def region_localisation(region: Sequence[float], boxes: Sequence[Sequence[float]
     best = boxes[max(range(len(ious)), key=ious.__getitem__)]
     cx, cy = (best[0] + best[2]) / 2, (best[1] + best[3]) / 2
     return {"iou": max(ious), "hit": float(region[0] <= cx <= region[2] and region[1] <= cy <= region[3])}
+
+
+def best_grid_iou(xs: Sequence[float], ys: Sequence[float], box: Sequence[float]) -> float:
+    """The highest IoU with ``box`` of any box whose sides lie on the grid lines ``xs`` and
+    ``ys``: the ceiling for a region built from whole token cells (a first-round region)."""
+    xs, ys = sorted(set(xs)), sorted(set(ys))
+    return max(
+        box_iou((x0, y0, x1, y1), box)
+        for i, x0 in enumerate(xs)
+        for x1 in xs[i + 1 :]
+        for j, y0 in enumerate(ys)
+        for y1 in ys[j + 1 :]
+    )

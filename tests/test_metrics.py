@@ -6,6 +6,7 @@ import pytest
 
 from egg_eval.metrics import (
     anls,
+    best_grid_iou,
     box_iou,
     exact_match,
     multiple_choice,
@@ -136,3 +137,9 @@ def test_region_localisation_takes_the_best_box_and_its_centre():
     loc = region_localisation([6, 6, 12, 12], boxes)
     assert loc["iou"] == pytest.approx(16 / (100 + 36 - 16)) and loc["hit"] == 0.0
     assert region_localisation([200, 200, 210, 210], boxes) == {"iou": 0.0, "hit": 0.0}
+
+
+def test_best_grid_iou_is_the_best_box_on_the_grid_lines():
+    # a 60 px square across 40 px cells: the middle cell alone (1600/3600) beats every larger box
+    assert best_grid_iou([0, 40, 80, 120], [0, 40, 80, 120], [30, 30, 90, 90]) == pytest.approx(1600 / 3600)
+    assert best_grid_iou([0, 40, 80], [0, 40, 80], [0, 0, 80, 40]) == 1.0
