@@ -118,3 +118,17 @@ def test_llava16_layout_counts_newlines_and_base():
     assert layout.global_index.size == g * g
     assert layout.n_tokens == g * g + rows * (cols + 1)  # one newline per row
     assert int((enc["input_ids"] == model.config.image_token_id).sum()) == layout.n_tokens
+
+
+def test_llava16_extreme_aspect_falls_back_to_the_base_view():
+    """A 200x9 strip: unpadding cuts the tiny model's high-res grid away entirely, so the map's
+    grid is the base view (every token still placed, none dropped)."""
+    model, proc = tiny_model_and_processor("llava16")
+    bb = BACKBONES["llava16"](model, proc)
+    img = noise_image(200, 9)
+    enc = bb.encode([img], "q")
+    layout = bb.token_layout(enc, 0, img.size)
+    g = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    assert layout.shape == (g, g) and layout.global_index.size == 0
+    assert int((enc["input_ids"] == model.config.image_token_id).sum()) == layout.n_tokens
+    assert layout.grid_boxes[..., 3].max() == 9  # clipped to the strip

@@ -56,6 +56,8 @@ class TokenLayout:
         """
         boxes = np.asarray(boxes, dtype=np.float64)
         groups = np.asarray(groups)
+        if not (groups == PRIMARY).any():  # the fine grid was cut away whole (LLaVA-NeXT's unpad of an
+            groups = np.where(groups == GLOBAL, PRIMARY, groups)  # extreme aspect ratio): the coarse view is the grid
         prim = np.flatnonzero(groups == PRIMARY)
         if prim.size == 0:
             raise ValueError("layout has no primary tokens")
@@ -185,6 +187,8 @@ class Backbone:
     # views of one round may be grounded in one batched pass when their encodings have
     # equal shapes (a fixed token count per image, as in LLaVA-1.5)
     batch_grounding: ClassVar[bool] = False
+    # keys of ``_image_stub`` that the language model also takes (Qwen2.5-VL's image_grid_thw)
+    stub_lm_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: torch.nn.Module, processor: Any, *, max_new_tokens: int = 32, name: str | None = None):
         model.requires_grad_(False)
@@ -263,12 +267,28 @@ class Backbone:
             out[k] = v
         return out
 
+    def _image_stub(self, sizes: Sequence[tuple[int, int]]) -> dict[str, Any] | None:
+        """What the processor's own ``replace_image_token`` reads of its image processor's
+        output, computed from the images' (w, h) sizes alone (no pixel work). ``None`` (the
+        default) where the adapter cannot; :meth:`encode_text` then declines."""
+        return None
+
     def encode_text(self, images: Sequence[Image.Image], text: str) -> dict[str, torch.Tensor] | None:
         """``encode`` without the image processor's pixel work, for a pass whose visual
-        embeddings are given (``inputs_with_features``): the prompt expanded and tokenized
-        as the processor does. ``None`` where the text depends on the pixels' processing
-        (the default); the caller then runs :meth:`encode`."""
-        return None
+        embeddings are given (``inputs_with_features``): the processor's own placeholder
+        expansion on :meth:`_image_stub`, then its tokenizer; the stub's ``stub_lm_keys``
+        join the result. ``None`` where there is no stub; the caller then runs :meth:`encode`."""
+        stub = self._image_stub([im.size for im in images])
+        if stub is None:
+            return None
+        proc = self.processor
+        reps = [proc.replace_image_token(stub, image_idx=i) for i in range(len(images))]
+        texts, _ = proc.get_text_with_replacements([self.prompt(len(images), text)], reps)
+        out = dict(proc.tokenizer(texts[0], return_tensors="pt"))
+        if getattr(proc, "return_mm_token_type_ids", False):  # as the processor's own call adds them
+            out["mm_token_type_ids"] = torch.tensor(proc.create_mm_token_type_ids(out["input_ids"].tolist()))
+        out.update({k: torch.as_tensor(stub[k]) for k in self.stub_lm_keys})
+        return {k: v.to(self.device) for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def _check_image_count(self, images: Sequence[Image.Image]) -> None:
         if self.max_images is not None and len(images) > self.max_images:

@@ -41,6 +41,10 @@ class InternVL(Backbone):
         enc["_sizes"] = [im.size for im in images]  # kept out of model calls
         return enc
 
+    def _image_stub(self, sizes):
+        """``InternVLProcessor`` counts tiles (plus the thumbnail) per image."""
+        return {"num_patches": [cols * rows + int(thumb) for cols, rows, _, thumb in map(self._tiling, sizes)]}
+
     def lm_inputs(self, enc):
         return {k: v for k, v in enc.items() if k not in ("pixel_values", "_sizes")}
 
@@ -55,11 +59,7 @@ class InternVL(Backbone):
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
             return_dict=True,
         )
-        counts = []
-        for size in enc["_sizes"]:
-            cols, rows, _, thumb = self._tiling(size)
-            counts.append(cols * rows + int(thumb))
-        return list(torch.split(out.pooler_output, counts))
+        return list(torch.split(out.pooler_output, self._image_stub(enc["_sizes"])["num_patches"]))
 
     def _pack_leaves(self, leaves):
         return torch.cat(leaves, dim=0)

@@ -8,7 +8,6 @@ seen; token (r, c) covers crop pixels [14c, 14c+14) x [14r, 14r+14).
 from __future__ import annotations
 
 import numpy as np
-import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import ChannelDimension
@@ -55,20 +54,13 @@ class Llava(Backbone):
         )
         return list(out.pooler_output)
 
-    def encode_text(self, images, text):
-        """Each image's token count follows from its size alone (:meth:`token_boxes`), so the
-        prompt is expanded as ``LlavaProcessor`` does and only tokenized: the answer pass on
-        reused embeddings skips resizing and normalising every view's pixels."""
-        token = self.processor.image_token
-        parts = self.prompt(len(images), text).split(token)
-        if len(parts) != len(images) + 1:
-            return None
-        counts = [len(self.token_boxes(None, 0, im.size)[0]) for im in images]
-        prompt = parts[0] + "".join(token * n + rest for n, rest in zip(counts, parts[1:]))
-        batch = self.processor.tokenizer(prompt, return_tensors="pt")
-        return {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    def _image_stub(self, sizes):
+        """``LlavaProcessor`` counts tokens from the processed pixels' height and width."""
+        return {"pixel_values": [np.zeros((1, *self._geometry(size)[-2:]), np.uint8) for size in sizes]}
 
-    def token_boxes(self, enc, image_index, image_size):
+    def _geometry(self, image_size):
+        """(pad_x, pad_y, w_in, h_in, rh, rw, top, left, ch, cw): the processor's pad to a
+        square, resize to (rh, rw) and centre crop of (ch, cw) at (top, left)."""
         ip = self.processor.image_processor
         w, h = image_size
         pad_x = pad_y = 0
@@ -87,6 +79,10 @@ class Llava(Backbone):
         if getattr(ip, "do_center_crop", False):
             ch, cw = size_get(ip.crop_size, "height"), size_get(ip.crop_size, "width")
             top, left = (rh - ch) // 2, (rw - cw) // 2
+        return pad_x, pad_y, w_in, h_in, rh, rw, top, left, ch, cw
+
+    def token_boxes(self, enc, image_index, image_size):
+        pad_x, pad_y, w_in, h_in, rh, rw, top, left, ch, cw = self._geometry(image_size)
         p = self.model.config.vision_config.patch_size
         canvas = cell_boxes(ch // p, cw // p, p, p) + np.array([left, top, left, top])
         boxes = affine(affine(canvas, rw / w_in, rh / h_in), 1.0, 1.0, pad_x, pad_y)

@@ -42,12 +42,21 @@ class LlavaNext(Backbone):
         )
         return list(out.pooler_output)
 
+    def _tile(self) -> tuple[int, int]:
+        """(side, tile): the base view's resize side and the processed tile's side in px."""
+        ip = self.processor.image_processor
+        side = size_get(ip.size, "shortest_edge") or size_get(ip.size, "height")
+        return side, size_get(ip.crop_size, "height") or side
+
+    def _image_stub(self, sizes):
+        """``LlavaNextProcessor`` counts tokens from each original (h, w) and the tile size."""
+        tile = self._tile()[1]
+        return {"image_sizes": [[h, w] for w, h in sizes], "pixel_values": np.zeros((1, 1, 1, tile, tile), np.uint8)}
+
     def token_boxes(self, enc, image_index, image_size):
         cfg = self.model.config
-        ip = self.processor.image_processor
         w, h = image_size
-        side = size_get(ip.size, "shortest_edge") or size_get(ip.size, "height")
-        tile = size_get(ip.crop_size, "height") or side
+        side, tile = self._tile()
         p = cfg.vision_config.patch_size
         g = cfg.vision_config.image_size // p
         # base view: squashed to side x side, then centre-cropped to tile x tile

@@ -10,9 +10,12 @@ in the language-model inputs so that M-RoPE positions are computed as usual.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from egg_eval.backbones.base import PRIMARY, Backbone, affine, cell_boxes
+from egg_eval.backbones.llava import size_get
 from egg_eval.backbones.processors import Qwen2_5_VLImageOnlyProcessor
 
 
@@ -25,6 +28,19 @@ class Qwen25VL(Backbone):
     def _image_features(self, enc):
         out = self.model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"], return_dict=True)
         return list(out.pooler_output)
+
+    stub_lm_keys = ("image_grid_thw",)
+
+    def _image_stub(self, sizes):
+        """``image_grid_thw`` as the image processor's ``smart_resize`` gives it."""
+        ip = self.processor.image_processor
+        p, factor = ip.patch_size, ip.patch_size * ip.merge_size
+        lo, hi = size_get(ip.size, "shortest_edge"), size_get(ip.size, "longest_edge")
+        grids = []
+        for w, h in sizes:
+            rh, rw = smart_resize(h, w, factor, min_pixels=lo, max_pixels=hi)
+            grids.append([1, rh // p, rw // p])
+        return {"image_grid_thw": torch.tensor(grids)}
 
     def token_boxes(self, enc, image_index, image_size):
         w, h = image_size
