@@ -4,6 +4,7 @@
     python scripts/bench.py --backbone tiny --family qwen25vl
     python scripts/bench.py --backbone real --family llava15 --device cuda --dtype bfloat16   # GPU
     python scripts/bench.py --backbone real --family llava15 --layers 2     # real widths, 2 layers (CPU check)
+    python scripts/bench.py --backbone real --family qwen25vl --image-size 1024 --device cuda --dtype bfloat16
 
 Prints, per method, the median seconds per sample, forward and backward passes per
 sample and the peak memory, and, for one view, one grounding pass (forward + backward to
@@ -35,70 +36,141 @@ METHODS = {  # each speed-up switched on in turn
 }
 
 
+CLIP_L336 = dict(  # openai/clip-vit-large-patch14-336, the tower of LLaVA-1.5 and LLaVA-1.6
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    image_size=336, patch_size=14, projection_dim=768,
+)  # fmt: skip
+PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6-mistral-7b-hf
+
+
 def real_size(family: str, layers: int | None, device, dtype):
-    """A random-weight model of the published 7B configuration (llava15 only for now) and its processor."""
+    """A random-weight model of the family's published 7B/8B configuration and a processor
+    with its published image settings (llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-mistral-7b-hf,
+    Qwen/Qwen2.5-VL-7B-Instruct, OpenGVLab/InternVL3_5-8B-HF). ``layers`` cuts the decoder
+    (the vision tower stays whole). The tokenizer is the offline tiny one, so prompts are
+    shorter than the real ones by a few dozen tokens; image tokens are exact."""
     import torch
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
         LlavaProcessor,
+        MistralConfig,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+        Qwen3Config,
     )
 
+    from egg_eval.backbones.processors import InternVLImageOnlyProcessor, Qwen2_5_VLImageOnlyProcessor
     from egg_eval.backbones.tiny import _TEMPLATES, build_tokenizer
 
-    if family != "llava15":
-        raise SystemExit("--backbone real is implemented for llava15 (llava-hf/llava-1.5-7b-hf's config)")
     tok = build_tokenizer()
-    tok.chat_template = _TEMPLATES["llava15"]
-    vision = CLIPVisionConfig(  # openai/clip-vit-large-patch14-336
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    text = LlamaConfig(  # vicuna-7b-v1.5
-        vocab_size=32064,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=layers or 32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        pad_token_id=tok.pad_token_id,
-    )
-    cfg = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
+    tok.chat_template = _TEMPLATES[family]
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    llava_proc = dict(patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    if family == "llava15":
+        text = LlamaConfig(  # vicuna-7b-v1.5
+            vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers or 32,
+            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, **ids,
+        )  # fmt: skip
+        cfg = LlavaConfig(
+            vision_config=CLIPVisionConfig(**CLIP_L336),
+            text_config=text,
+            image_token_id=tok.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+        model_class = LlavaForConditionalGeneration
+        ip = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+        make_proc = lambda: LlavaProcessor(ip, tok, chat_template=tok.chat_template, **llava_proc)  # noqa: E731
+    elif family == "llava16":
+        text = MistralConfig(  # Mistral-7B-Instruct-v0.2
+            vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers or 32,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+            rope_theta=1e6, sliding_window=None, **ids,
+        )  # fmt: skip
+        cfg = LlavaNextConfig(
+            vision_config=CLIPVisionConfig(**CLIP_L336),
+            text_config=text,
+            image_token_id=tok.convert_tokens_to_ids("<image>"),
+            image_grid_pinpoints=PINPOINTS,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+        model_class = LlavaNextForConditionalGeneration
+        ip = LlavaNextImageProcessorPil(
+            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=PINPOINTS
+        )
+        make_proc = lambda: LlavaNextProcessor(ip, tok, chat_template=tok.chat_template, **llava_proc)  # noqa: E731
+    elif family == "qwen25vl":
+        cfg = Qwen2_5_VLConfig(
+            text_config=dict(
+                vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers or 28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}, **ids,
+            ),
+            vision_config=dict(
+                depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                fullatt_block_indexes=[7, 15, 23, 31],
+            ),
+            image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+            video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        )  # fmt: skip
+        model_class = Qwen2_5_VLForConditionalGeneration
+        ip = Qwen2VLImageProcessorPil(
+            size={"shortest_edge": 3136, "longest_edge": 12845056}, patch_size=14, merge_size=2, temporal_patch_size=2
+        )
+        tok.image_token, tok.video_token = "<|image_pad|>", "<|video_pad|>"
+        make_proc = lambda: Qwen2_5_VLImageOnlyProcessor(ip, tok, chat_template=tok.chat_template)  # noqa: E731
+    elif family == "internvl35":
+        cfg = InternVLConfig(
+            vision_config=dict(  # InternViT-300M-448px-V2.5
+                hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                image_size=[448, 448], patch_size=[14, 14], use_mask_token=False,
+            ),
+            text_config=Qwen3Config(  # Qwen3-8B
+                vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=layers or 36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                rope_theta=1e6, **ids,
+            ).to_dict(),
+            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+            downsample_ratio=0.5,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+        )  # fmt: skip
+        model_class = InternVLForConditionalGeneration
+        ip = GotOcr2ImageProcessorPil(
+            size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1, max_patches=12
+        )
+        make_proc = lambda: InternVLImageOnlyProcessor(  # noqa: E731
+            ip, tok, image_seq_length=256, chat_template=tok.chat_template
+        )
+    else:
+        raise SystemExit(f"--backbone real knows llava15, llava16, qwen25vl, internvl35, not {family!r}")
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:  # built directly on the target device in the target dtype (7B in fp32 on CPU would need 28 GB)
         with torch.device(device):
-            model = LlavaForConditionalGeneration(cfg)
+            model = model_class(cfg)
     finally:
         torch.set_default_dtype(previous)
-    ip = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    proc = LlavaProcessor(
-        image_processor=ip,
-        tokenizer=tok,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=tok.chat_template,
-    )
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    return model.eval(), proc
+    return model.eval(), make_proc()
 
 
 def load(args):
@@ -126,6 +198,7 @@ def load(args):
 def child(args) -> dict:
     """Run one method on the samples in this process; report its numbers as JSON."""
     import torch
+    from PIL import Image
 
     from egg_eval.data.benchmarks import OPEN_SUFFIX
     from egg_eval.data.detail import rows
@@ -136,6 +209,8 @@ def child(args) -> dict:
     backbone = load(args)
     cuda = backbone.device.type == "cuda"
     samples = list(rows(args.n + 1, seed=2000))
+    if args.image_size:  # dynamic-resolution models (Qwen2.5-VL, InternVL, LLaVA-1.6) see more tokens
+        samples = [{**r, "image": r["image"].resize((args.image_size,) * 2, Image.BICUBIC)} for r in samples]
     text = lambda r: f"{r['question']}\n{OPEN_SUFFIX}"  # noqa: E731
     method = args.child
     # warm-up on an extra sample (allocator, kernels), not counted
@@ -197,8 +272,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="toy", help="toy | tiny | real | a hub id or local path")
     ap.add_argument("--family", default="llava15")
-    ap.add_argument("--layers", type=int, default=None, help="real: decoder layers (default: all 32)")
+    ap.add_argument("--layers", type=int, default=None, help="real: decoder layers (default: all of the family's)")
     ap.add_argument("--n", type=int, default=40, help="samples (held-out detail scenes)")
+    ap.add_argument("--image-size", type=int, default=None, help="resize the 320 px scenes to this side")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=2)
@@ -218,8 +294,8 @@ def main() -> None:
         results[m] = json.loads(out.stdout.strip().splitlines()[-1])
     van = results.get("vanilla")
     print(
-        f"backbone={args.backbone} family={args.family} n={args.n} repeats={args.repeats} "
-        f"device={args.device} dtype={args.dtype}\n"
+        f"backbone={args.backbone} family={args.family} n={args.n} image={args.image_size or 320}px "
+        f"repeats={args.repeats} device={args.device} dtype={args.dtype} layers={args.layers or 'all'}\n"
     )
     print(
         "| method | median s/sample | x vanilla | forward/sample | backward/sample "
