@@ -151,7 +151,13 @@ def test_trace_on_real_tiny_models_stays_in_bounds(tiny_backbones, family, size)
         for reg in rnd.regions:
             assert rnd.views[reg.view].contains(reg.box) and reg.box.area > 0 and reg.score > 0
     c = trace.counters
-    assert c.n_backward == len({tuple(v.as_list()) for r in trace.rounds for v in r.views})
+    # a view's map is never recomputed, and the new views of a round share one batched pass
+    seen, passes = set(), 0
+    for r in trace.rounds:
+        new = {tuple(v.as_list()) for v in r.views} - seen
+        passes += bool(new)
+        seen |= new
+    assert c.n_backward == passes
     assert c.n_forward >= c.n_backward + 1 and c.time_ground_s > 0 and c.time_answer_s > 0
     d = json.loads(json.dumps(trace.to_dict()))
     assert d["final_views"][0] == [0, 0, w, h]

@@ -119,31 +119,56 @@ def test_bad_arguments_are_clear(tiny_backbones):
         token_saliency(bb, img, Q, token_index=0)
 
 
-def test_batched_grounding_equals_one_pass_per_view(tiny_backbones):
+@pytest.mark.parametrize("layer", [None, 1])
+def test_batched_grounding_equals_one_pass_per_view(tiny_backbones, family, layer):
+    """Views of different sizes (different token counts on LLaVA-1.6, Qwen2.5-VL and
+    InternVL) grounded in one right-padded pass give each view its own map."""
     from egg_eval.grounding.saliency import token_saliency_batch
 
-    bb = tiny_backbones["llava15"]
+    bb = tiny_backbones[family]
     assert bb.batch_grounding
     views = [noise_image(120, 90, seed=1), noise_image(60, 80, seed=2), noise_image(200, 200, seed=3)]
     bb.counters.__init__()
-    batched = token_saliency_batch(bb, views, "What is it?")
+    batched = token_saliency_batch(bb, views, "What is it?", layer=layer)
     assert (bb.counters.n_forward, bb.counters.n_backward) == (1, 1)  # one pass for all three views
     for img, g in zip(views, batched):
-        one = token_saliency(bb, img, "What is it?")
-        np.testing.assert_allclose(g.scores, one.scores, rtol=1e-4, atol=1e-9)
+        one = token_saliency(bb, img, "What is it?", layer=layer)
+        assert g.scores.shape == one.scores.shape
+        np.testing.assert_allclose(g.scores, one.scores, rtol=1e-4, atol=1e-5 * one.scores.max())
         assert g.objective_value == pytest.approx(one.objective_value, rel=1e-5)
+        assert g.first_token_max_prob == pytest.approx(one.first_token_max_prob, rel=1e-5)
         np.testing.assert_array_equal(g.layout.grid_boxes, one.layout.grid_boxes)
+        assert len(g.features) == len(one.features)
+        for a, b in zip(g.features, one.features):
+            torch.testing.assert_close(a, b)
 
 
-def test_batched_grounding_falls_back_where_the_backbone_cannot_batch(tiny_backbones):
+def test_views_of_different_lengths_are_right_padded_with_their_last_token(tiny_backbones):
+    bb = tiny_backbones["qwen25vl"]  # token count follows the view's size
+    encs = [bb.encode([noise_image(w, h)], "What is it?") for w, h in [(60, 80), (200, 200)]]
+    n = [e["input_ids"].shape[1] for e in encs]
+    assert n[0] < n[1]
+    stacked, last = bb.stack_lm_inputs(encs)
+    assert last.tolist() == [n[0] - 1, n[1] - 1]
+    ids = stacked["input_ids"]
+    assert ids.shape == (2, n[1])
+    assert torch.equal(ids[0, : n[0]], encs[0]["input_ids"][0])
+    assert (ids[0, n[0] :] == encs[0]["input_ids"][0, -1]).all()  # a text token, never an image token
+    assert stacked["mm_token_type_ids"][0, n[0] :].eq(0).all()
+    assert torch.equal(stacked["image_grid_thw"], torch.cat([e["image_grid_thw"] for e in encs]))
+
+
+def test_batched_grounding_falls_back_to_one_pass_per_view_for_later_tokens(tiny_backbones):
     from egg_eval.grounding.saliency import token_saliency_batch
 
-    bb = tiny_backbones["qwen25vl"]  # token count depends on the view's size
+    bb = tiny_backbones["qwen25vl"]
     views = [noise_image(120, 90, seed=1), noise_image(60, 80, seed=2)]
     bb.counters.__init__()
-    out = token_saliency_batch(bb, views, "What is it?")
+    out = token_saliency_batch(bb, views, "What is it?", token_index=2)  # greedy unroll per view
     assert bb.counters.n_backward == 2 and len(out) == 2
-    np.testing.assert_allclose(out[1].scores, token_saliency(bb, views[1], "What is it?").scores, rtol=1e-5)
+    np.testing.assert_allclose(
+        out[1].scores, token_saliency(bb, views[1], "What is it?", token_index=2).scores, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("layer", [None, 1])

@@ -184,9 +184,10 @@ class Backbone:
     vision_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
     # How many images the model takes natively in one prompt (None = no limit).
     max_images: ClassVar[int | None] = None
-    # views of one round may be grounded in one batched pass when their encodings have
-    # equal shapes (a fixed token count per image, as in LLaVA-1.5)
-    batch_grounding: ClassVar[bool] = False
+    # views of one round may be grounded in one batched pass: prompts of different lengths
+    # (per-view token counts of LLaVA-1.6, Qwen2.5-VL, InternVL) are right-padded, which a
+    # causal model's real tokens never see (:meth:`stack_lm_inputs`)
+    batch_grounding: ClassVar[bool] = True
     # keys of ``_image_stub`` that the language model also takes (Qwen2.5-VL's image_grid_thw)
     stub_lm_keys: ClassVar[tuple[str, ...]] = ()
 
@@ -322,6 +323,38 @@ class Backbone:
         """What a plain forward / ``generate`` takes."""
         return enc
 
+    def stack_lm_inputs(self, encs: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], torch.Tensor]:
+        """The language-model inputs of several one-prompt encodings as one batch, and each
+        row's last real position (B,).
+
+        Prompts are RIGHT-padded with their own last token: under the causal mask no real
+        token attends to a later position, and the real tokens keep positions 0..n-1, so
+        every row computes exactly what it computes alone (no padding mask, no position
+        shift, no fully masked rows). Per-token keys (``(1, n)`` like ``input_ids``) are
+        padded (``attention_mask`` with 1, others with 0); other tensors (``image_grid_thw``)
+        are concatenated in row order, lists joined.
+        """
+        parts = [self.lm_inputs(e) for e in encs]
+        lengths = [int(p["input_ids"].shape[1]) for p in parts]
+        width = max(lengths)
+        out: dict[str, Any] = {}
+        for k in parts[0]:
+            vals = [p[k] for p in parts]
+            if not isinstance(vals[0], torch.Tensor):
+                out[k] = [x for v in vals for x in v]
+            elif all(v.dim() == 2 and tuple(v.shape) == (1, n) for v, n in zip(vals, lengths)):
+                rows = []
+                for v, n in zip(vals, lengths):
+                    if k == "input_ids":
+                        fill = v[:, -1:]
+                    else:
+                        fill = torch.ones_like(v[:, :1]) if k == "attention_mask" else torch.zeros_like(v[:, :1])
+                    rows.append(torch.cat([v, fill.expand(1, width - n)], dim=1))
+                out[k] = torch.cat(rows)
+            else:
+                out[k] = torch.cat(vals)
+        return out, torch.tensor(lengths, device=parts[0]["input_ids"].device) - 1
+
     # ------------------------------------------------------------------ layers
     @property
     def language_model(self) -> torch.nn.Module:
@@ -342,9 +375,11 @@ class Backbone:
         *,
         layer: int | None = None,
         recompute_layers: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Next-token logits (V,) at the last position, differentiable in ``leaves``; (B, V)
-        for a batch of B equal-length prompts.
+        for a batch of B equal-length prompts, or at each row's ``positions`` (B,) for a
+        right-padded batch (:meth:`stack_lm_inputs`).
 
         ``layer`` L in 1..num_layers is the logit lens: the first L decoder layers, then the
         final norm and the LM head (the reference code skips the norm; applying it is the
@@ -356,9 +391,10 @@ class Backbone:
         kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self._pack_leaves(leaves))}
         n = self.num_layers
         recompute = recompute_in_backward(self.decoder_layers, recompute_layers and torch.is_grad_enabled())
+        keep = 1 if positions is None else positions.reshape(-1, 1)
         if layer is None or layer == n or layer == -1:
             with recompute:
-                logits = self.model(**kw, logits_to_keep=1).logits[:, -1].float()
+                logits = self.model(**kw, logits_to_keep=keep).logits[:, -1].float()
             return logits[0] if logits.shape[0] == 1 else logits
         if not 1 <= layer <= n:
             raise ValueError(f"layer must be in 1..{n} (or -1 / None for the last), got {layer}")
@@ -366,7 +402,7 @@ class Backbone:
             with recompute, capture_layer_output(self.decoder_layers[layer - 1]):
                 self.model.model(**kw)
         except _StopForward as stop:
-            hidden = stop.hidden[:, -1]
+            hidden = stop.hidden[:, -1] if positions is None else stop.hidden[torch.arange(len(positions)), positions]
         else:  # pragma: no cover - the hook always fires
             raise RuntimeError("logit-lens hook did not fire")
         logits = self.model.lm_head(self.language_model.norm(hidden)).float()

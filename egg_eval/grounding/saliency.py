@@ -126,40 +126,46 @@ def token_saliency_batch(
 ) -> list[Grounding]:
     """:func:`token_saliency` of several views in ONE forward and ONE backward pass.
 
-    The views' prompts are stacked as a batch; the objective is summed over the batch.
-    Samples of a batch do not interact, so the gradient of the sum with respect to a
-    view's leaves is exactly that view's own gradient. Falls back to one pass per view
-    when the backbone cannot batch, the encodings differ in shape, or ``token_index > 1``.
+    The views' prompts are stacked as a batch (right-padded where their token counts
+    differ, :meth:`Backbone.stack_lm_inputs`); the objective is summed over the batch.
+    Rows of a batch do not interact, so the gradient of the sum with respect to a view's
+    leaves is exactly that view's own gradient. Falls back to one pass per view when the
+    backbone cannot batch or ``token_index > 1``.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
-    encs = [backbone.encode([im], question) for im in images] if images else []
-    same = (
-        len(images) > 1
-        and backbone.batch_grounding
-        and token_index == 1
-        and all(e.keys() == encs[0].keys() for e in encs)
-        and all(
-            isinstance(e[k], torch.Tensor) and e[k].shape == encs[0][k].shape and e[k].shape[0] == 1
-            for e in encs
-            for k in e
-        )
-    )
-    if not same:
+    if len(images) < 2 or not backbone.batch_grounding or token_index != 1:
         kw = dict(objective=objective, token_index=token_index, layer=layer, recompute_layers=recompute_layers)
         return [token_saliency(backbone, im, question, **kw) for im in images]
     t0 = time.perf_counter()
-    enc = {k: torch.cat([e[k] for e in encs]) for k in encs[0]}
-    leaves = backbone.visual_leaves(enc)
+    encs = [backbone.encode([im], question) for im in images]
+    same = all(e.keys() == encs[0].keys() for e in encs) and all(
+        isinstance(e[k], torch.Tensor) and e[k].shape == encs[0][k].shape and e[k].shape[0] == 1
+        for e in encs
+        for k in e
+    )
+    if same:  # one vision-tower call for all views too
+        enc = {k: torch.cat([e[k] for e in encs]) for k in encs[0]}
+        leaves = backbone.visual_leaves(enc)
+        per_view = len(leaves) // len(images)
+        split = [leaves[i * per_view : (i + 1) * per_view] for i in range(len(images))]
+        positions = None
+    else:
+        split = [backbone.visual_leaves(e) for e in encs]
+        leaves = [leaf for view in split for leaf in view]
+        enc, positions = backbone.stack_lm_inputs(encs)
     with torch.enable_grad():
-        logits = backbone.next_token_logits(enc, leaves, layer=layer, recompute_layers=recompute_layers)
+        logits = backbone.next_token_logits(
+            enc, leaves, layer=layer, recompute_layers=recompute_layers, positions=positions
+        )
         values = [OBJECTIVES[objective](logits[i]) for i in range(len(images))]
         grads = torch.autograd.grad(torch.stack(values).sum(), leaves)
     backbone.counters.n_backward += 1
     out = []
-    per_view = len(leaves) // len(images)
+    start = 0
     for i, im in enumerate(images):
-        g = grads[i * per_view : (i + 1) * per_view]
+        g = grads[start : start + len(split[i])]
+        start += len(split[i])
         scores = torch.cat([x.float().reshape(-1, x.shape[-1]).norm(dim=-1) for x in g]).cpu().numpy()
         layout = backbone.token_layout(encs[i], 0, im.size)
         if scores.shape[0] != layout.n_tokens:
@@ -171,7 +177,7 @@ def token_saliency_batch(
                 map=layout.to_map(scores),
                 objective_value=float(values[i].detach()),
                 first_token_max_prob=float(torch.softmax(logits[i].detach(), -1).max()),
-                features=[leaf.detach() for leaf in leaves[i * per_view : (i + 1) * per_view]],
+                features=[leaf.detach() for leaf in split[i]],
             )
         )
     backbone.counters.time_ground_s += time.perf_counter() - t0
