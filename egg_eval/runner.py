@@ -154,6 +154,7 @@ def make_record(
         "stop_reason": t.get("stop_reason"),
         "n_forward": t.get("n_forward", 0),
         "n_backward": t.get("n_backward", 0),
+        "memory_fallbacks": t.get("memory_fallbacks", 0),
         "time_ground_s": t.get("time_ground_s", 0.0),
         "time_answer_s": t.get("time_answer_s", 0.0),
         "time_s": elapsed,
@@ -189,6 +190,8 @@ def aggregate(records: list[dict], spec: BenchmarkSpec) -> dict[str, Any]:
         out["mean_time_s"] = sum(r["time_s"] for r in ok) / len(ok)
         out["mean_forward"] = sum(r["n_forward"] for r in ok) / len(ok)
         out["mean_backward"] = sum(r["n_backward"] for r in ok) / len(ok)
+        # grounding passes redone with less memory (batch split, layers recomputed)
+        out["memory_fallbacks"] = sum(r.get("memory_fallbacks", 0) for r in ok)
     return out
 
 

@@ -104,6 +104,9 @@ class Counters:
     n_backward: int = 0
     time_ground_s: float = 0.0
     time_answer_s: float = 0.0
+    # grounding passes that ran out of accelerator memory and were redone with less:
+    # a round's views one by one instead of batched, then decoder layers recomputed
+    memory_fallbacks: int = 0
 
 
 @dataclass

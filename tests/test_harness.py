@@ -28,6 +28,7 @@ RECORD_FIELDS = {
     "stop_reason",
     "n_forward",
     "n_backward",
+    "memory_fallbacks",
     "time_ground_s",
     "time_answer_s",
     "time_s",

@@ -175,6 +175,62 @@ def test_out_of_memory_on_one_sample_is_recorded_and_the_run_goes_on(tmp_path):
     assert summary["n_failures"] == 1 and summary["score"] == pytest.approx(2 / 3)
 
 
+def _oom_when(backbone, monkeypatch, condition):
+    """Make the backbone's grounding forward raise CUDA's out-of-memory error where ``condition``."""
+    real = backbone.next_token_logits
+
+    def logits(enc, leaves, **kw):
+        if torch.is_grad_enabled() and condition(enc, kw):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(enc, leaves, **kw)
+
+    monkeypatch.setattr(backbone, "next_token_logits", logits)
+
+
+@pytest.mark.parametrize("where", ["batch", "every_pass"])
+def test_grounding_out_of_memory_is_redone_with_less_memory_and_gives_the_same_result(monkeypatch, where):
+    """A round's batched views that do not fit are grounded one by one; a view that does not
+    fit is grounded again with its layers recomputed. Same trace and answer; counted."""
+    from egg_eval.backbones import load_backbone
+    from egg_eval.data.detail import rows
+    from egg_eval.grounding.refine import run_egg
+    from egg_eval.grounding.regions import RegionParams
+    from egg_eval.toy_vlm import CHECKPOINT
+
+    bb = load_backbone("llava15", str(CHECKPOINT), device="cpu", max_new_tokens=4)
+    row = next(rows(1, seed=7, pair_fraction=1.0))  # round 2 grounds two crops in one batch
+    cfg = EggConfig(regions=RegionParams(top_k=2, sigma=0.5))
+    text, trace = run_egg(bb, row["image"], row["question"], cfg)
+    assert [len(r.views) for r in trace.rounds] == [1, 3] and trace.counters.n_backward == 2
+    assert trace.counters.memory_fallbacks == 0
+    if where == "batch":
+        _oom_when(bb, monkeypatch, lambda enc, kw: enc["input_ids"].shape[0] > 1)
+        expected_fallbacks, expected_backward = 1, 3  # whole image, then the two crops one by one
+    else:
+        _oom_when(bb, monkeypatch, lambda enc, kw: not kw.get("recompute_layers"))
+        expected_fallbacks, expected_backward = 4, 3  # whole image; the batch split; each crop redone
+    text2, trace2 = run_egg(bb, row["image"], row["question"], cfg)
+    assert text2 == text
+    assert [r.to_dict()["regions"] for r in trace2.rounds] == [r.to_dict()["regions"] for r in trace.rounds]
+    assert trace2.final_views == trace.final_views
+    assert trace2.counters.memory_fallbacks == expected_fallbacks
+    assert trace2.counters.n_backward == expected_backward
+
+
+def test_grounding_that_never_fits_reaches_the_runner_as_out_of_memory(monkeypatch):
+    from egg_eval.backbones import load_backbone
+    from egg_eval.data.detail import rows
+    from egg_eval.grounding.refine import run_egg
+    from egg_eval.toy_vlm import CHECKPOINT
+
+    bb = load_backbone("llava15", str(CHECKPOINT), device="cpu", max_new_tokens=4)
+    row = next(rows(1, seed=7))
+    _oom_when(bb, monkeypatch, lambda enc, kw: True)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_egg(bb, row["image"], row["question"], EggConfig())
+    assert bb.counters.memory_fallbacks == 1  # tried once more, with layers recomputed
+
+
 def _cli(tmp_path: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable,

@@ -18,12 +18,14 @@ crop. Every rule also stops when no view yields a component, or at ``max_rounds`
 
 from __future__ import annotations
 
+import gc
 import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from PIL import Image
 
 from egg_eval.backbones.base import Backbone
@@ -84,39 +86,57 @@ class Refiner:
     def crop(self, box: Box) -> Image.Image:
         return self.image if box == self.whole else self.image.crop(tuple(int(v) for v in box.as_list()))
 
+    def _saliency_kw(self, recompute_layers: bool) -> dict:
+        c = self.config
+        return dict(objective=c.objective, token_index=c.token_index, layer=c.layer, recompute_layers=recompute_layers)
+
+    def _out_of_memory(self) -> None:
+        """Count a fallback and hand the failed pass's memory back before the retry (called
+        after the ``except`` block, so that the traceback no longer holds its tensors)."""
+        self.backbone.counters.memory_fallbacks += 1
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def ground_view(self, box: Box) -> _ViewResult:
+        """One view's grounding; a pass that runs out of accelerator memory is redone with
+        its decoder layers recomputed in the backward (same map, about one layer's
+        activations held). Only if that fails too does the error reach the runner, which
+        records the sample as failed."""
         key = tuple(box.as_list())
         if key not in self.cache:
-            c = self.config
-            g = self.saliency_fn(
-                self.backbone,
-                self.crop(box),
-                self.question,
-                objective=c.objective,
-                token_index=c.token_index,
-                layer=c.layer,
-                recompute_layers=c.checkpoint_layers,
-            )
+            c, image = self.config, self.crop(box)
+            try:
+                g = self.saliency_fn(self.backbone, image, self.question, **self._saliency_kw(c.checkpoint_layers))
+            except torch.OutOfMemoryError:
+                if c.checkpoint_layers:
+                    raise
+                g = None
+            if g is None:
+                self._out_of_memory()
+                g = self.saliency_fn(self.backbone, image, self.question, **self._saliency_kw(True))
             self._store(box, g)
         return self.cache[key]
 
     def ground_views(self, boxes: list[Box]) -> list[_ViewResult]:
-        """Ground every view not yet in the cache, in one batched pass where possible."""
+        """Ground every view not yet in the cache, in one batched pass where possible; a
+        batch that runs out of accelerator memory is redone one view at a time."""
         c = self.config
         todo = list(dict.fromkeys(tuple(b.as_list()) for b in boxes if tuple(b.as_list()) not in self.cache))
         if len(todo) > 1 and c.batch_views and self.saliency_fn is token_saliency:
             todo_boxes = [Box(*k) for k in todo]
-            groundings = token_saliency_batch(
-                self.backbone,
-                [self.crop(b) for b in todo_boxes],
-                self.question,
-                objective=c.objective,
-                token_index=c.token_index,
-                layer=c.layer,
-                recompute_layers=c.checkpoint_layers,
-            )
-            for box, g in zip(todo_boxes, groundings):
-                self._store(box, g)
+            images = [self.crop(b) for b in todo_boxes]
+            try:
+                groundings = token_saliency_batch(
+                    self.backbone, images, self.question, **self._saliency_kw(c.checkpoint_layers)
+                )
+            except torch.OutOfMemoryError:
+                groundings = None
+            if groundings is None:
+                self._out_of_memory()
+            else:
+                for box, g in zip(todo_boxes, groundings):
+                    self._store(box, g)
         return [self.ground_view(b) for b in boxes]
 
     def features(self, views: list[Box]):
