@@ -143,6 +143,21 @@ def test_batched_grounding_equals_one_pass_per_view(tiny_backbones, family, laye
             torch.testing.assert_close(a, b)
 
 
+def test_batched_grounding_of_equal_sized_views_runs_the_vision_tower_once(tiny_backbones, family, monkeypatch):
+    from egg_eval.grounding.saliency import token_saliency_batch
+
+    bb = tiny_backbones[family]
+    views = [noise_image(120, 90, seed=1), noise_image(120, 90, seed=2)]
+    alone = [token_saliency(bb, im, "What is it?") for im in views]
+    calls = []
+    real = bb._image_features
+    monkeypatch.setattr(bb, "_image_features", lambda enc: calls.append(1) or real(enc))
+    batched = token_saliency_batch(bb, views, "What is it?")
+    assert len(calls) == 1
+    for g, one in zip(batched, alone):
+        np.testing.assert_allclose(g.scores, one.scores, rtol=1e-4, atol=1e-5 * one.scores.max())
+
+
 def test_views_of_different_lengths_are_right_padded_with_their_last_token(tiny_backbones):
     bb = tiny_backbones["qwen25vl"]  # token count follows the view's size
     encs = [bb.encode([noise_image(w, h)], "What is it?") for w, h in [(60, 80), (200, 200)]]

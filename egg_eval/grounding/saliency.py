@@ -140,12 +140,17 @@ def token_saliency_batch(
     t0 = time.perf_counter()
     encs = [backbone.encode([im], question) for im in images]
     same = all(e.keys() == encs[0].keys() for e in encs) and all(
-        isinstance(e[k], torch.Tensor) and e[k].shape == encs[0][k].shape and e[k].shape[0] == 1
+        isinstance(e[k], list) or (isinstance(e[k], torch.Tensor) and e[k].shape == encs[0][k].shape)
         for e in encs
         for k in e
     )
-    if same:  # one vision-tower call for all views too
-        enc = {k: torch.cat([e[k] for e in encs]) for k in encs[0]}
+    if same:  # equal-sized views: one vision-tower call for all of them too
+        enc = {
+            k: torch.cat([e[k] for e in encs])
+            if isinstance(encs[0][k], torch.Tensor)
+            else sum((e[k] for e in encs), [])
+            for k in encs[0]
+        }
         leaves = backbone.visual_leaves(enc)
         per_view = len(leaves) // len(images)
         split = [leaves[i * per_view : (i + 1) * per_view] for i in range(len(images))]
