@@ -148,7 +148,7 @@ def token_saliency_batch(
         enc = {
             k: torch.cat([e[k] for e in encs])
             if isinstance(encs[0][k], torch.Tensor)
-            else sum((e[k] for e in encs), [])
+            else [x for e in encs for x in e[k]]
             for k in encs[0]
         }
         leaves = backbone.visual_leaves(enc)
