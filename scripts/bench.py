@@ -245,7 +245,7 @@ def child(args) -> dict:
                 ground[i] = min(ground[i], timed(lambda: token_saliency(backbone, r["image"], text(r)))[0])  # noqa: B023
         return {"forward_s": statistics.median(plain), "grounding_s": statistics.median(ground)}
     cfg = EggConfig(**METHODS[method]) if method != "vanilla" else None
-    times, fwd, bwd = [float("inf")] * len(samples), [], []
+    times, fwd, bwd, fallbacks = [float("inf")] * len(samples), [], [], 0
     for rep in range(args.repeats):
         for i, r in enumerate(samples):
             if cfg is None:
@@ -256,11 +256,13 @@ def child(args) -> dict:
             if rep == 0:
                 fwd.append(trace.counters.n_forward)
                 bwd.append(trace.counters.n_backward)
+            fallbacks += trace.counters.memory_fallbacks
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "median_s": statistics.median(times),
         "forward": statistics.mean(fwd),
         "backward": statistics.mean(bwd),
+        "memory_fallbacks": fallbacks,
         "peak_mb": peak / 2**20,
         "extra_mb": (peak - base_mem) / 2**20,
         "device": str(backbone.device),
@@ -317,6 +319,12 @@ def main() -> None:
             f"{r['extra_mb']:.0f}",
         ]
         print(f"| {m} | " + " | ".join(cells) + " |")
+    for m, r in results.items():
+        if r.get("memory_fallbacks"):
+            print(
+                f"\nNOTE {m}: {r['memory_fallbacks']} grounding passes ran out of memory and were redone with less "
+                "(views one by one, then layers recomputed): its time and memory are those of the fallback"
+            )
     p = results["passes"]
     print(
         f"\none view: plain forward {p['forward_s'] * 1000:.1f} ms, grounding pass (forward + backward to the "
