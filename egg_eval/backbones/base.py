@@ -327,33 +327,16 @@ class Backbone:
         """The language-model inputs of several one-prompt encodings as one batch, and each
         row's last real position (B,).
 
-        Prompts are RIGHT-padded with their own last token: under the causal mask no real
-        token attends to a later position, and the real tokens keep positions 0..n-1, so
-        every row computes exactly what it computes alone (no padding mask, no position
-        shift, no fully masked rows). Per-token keys (``(1, n)`` like ``input_ids``) are
-        padded (``attention_mask`` with 1, others with 0); other tensors (``image_grid_thw``)
-        are concatenated in row order, lists joined.
+        Prompts are RIGHT-padded with their own last token (:meth:`append_tokens`): under the
+        causal mask no real token attends to a later position, and the real tokens keep
+        positions 0..n-1, so every row computes exactly what it computes alone (no padding
+        mask, no position shift, no fully masked rows).
         """
         parts = [self.lm_inputs(e) for e in encs]
         lengths = [int(p["input_ids"].shape[1]) for p in parts]
         width = max(lengths)
-        out: dict[str, Any] = {}
-        for k in parts[0]:
-            vals = [p[k] for p in parts]
-            if not isinstance(vals[0], torch.Tensor):
-                out[k] = [x for v in vals for x in v]
-            elif all(v.dim() == 2 and tuple(v.shape) == (1, n) for v, n in zip(vals, lengths)):
-                rows = []
-                for v, n in zip(vals, lengths):
-                    if k == "input_ids":
-                        fill = v[:, -1:]
-                    else:
-                        fill = torch.ones_like(v[:, :1]) if k == "attention_mask" else torch.zeros_like(v[:, :1])
-                    rows.append(torch.cat([v, fill.expand(1, width - n)], dim=1))
-                out[k] = torch.cat(rows)
-            else:
-                out[k] = torch.cat(vals)
-        return out, torch.tensor(lengths, device=parts[0]["input_ids"].device) - 1
+        padded = [self.append_tokens(p, p["input_ids"][:, -1:].expand(1, width - n)) for p, n in zip(parts, lengths)]
+        return concat_encodings(padded), torch.tensor(lengths, device=parts[0]["input_ids"].device) - 1
 
     # ------------------------------------------------------------------ layers
     @property
@@ -525,6 +508,15 @@ class Backbone:
     def token_layout(self, enc: dict[str, torch.Tensor], image_index: int, image_size: tuple[int, int]) -> TokenLayout:
         boxes, groups = self.token_boxes(enc, image_index, image_size)
         return TokenLayout.from_token_boxes(boxes, groups, image_size)
+
+
+def concat_encodings(encs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Encodings of matching shapes as one batch: tensors concatenated along dim 0 in order
+    (rows, or images for per-image keys), lists joined."""
+    return {
+        k: torch.cat([e[k] for e in encs]) if isinstance(encs[0][k], torch.Tensor) else [x for e in encs for x in e[k]]
+        for k in encs[0]
+    }
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

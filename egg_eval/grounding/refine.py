@@ -90,13 +90,19 @@ class Refiner:
         c = self.config
         return dict(objective=c.objective, token_index=c.token_index, layer=c.layer, recompute_layers=recompute_layers)
 
-    def _out_of_memory(self) -> None:
-        """Count a fallback and hand the failed pass's memory back before the retry (called
-        after the ``except`` block, so that the traceback no longer holds its tensors)."""
+    def _unless_out_of_memory(self, attempt: Callable[[], object]):
+        """``attempt()``, or ``None`` when it ran out of accelerator memory: the fallback is
+        counted and the failed pass's memory handed back (after the ``except`` block, so that
+        the traceback no longer holds its tensors) before the caller retries with less."""
+        try:
+            return attempt()
+        except torch.OutOfMemoryError:
+            pass
         self.backbone.counters.memory_fallbacks += 1
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        return None
 
     def ground_view(self, box: Box) -> _ViewResult:
         """One view's grounding; a pass that runs out of accelerator memory is redone with
@@ -105,17 +111,13 @@ class Refiner:
         records the sample as failed."""
         key = tuple(box.as_list())
         if key not in self.cache:
-            c, image = self.config, self.crop(box)
-            try:
-                g = self.saliency_fn(self.backbone, image, self.question, **self._saliency_kw(c.checkpoint_layers))
-            except torch.OutOfMemoryError:
-                if c.checkpoint_layers:
-                    raise
-                g = None
-            if g is None:
-                self._out_of_memory()
-                g = self.saliency_fn(self.backbone, image, self.question, **self._saliency_kw(True))
-            self._store(box, g)
+            image = self.crop(box)
+
+            def ground(recompute: bool) -> Grounding:
+                return self.saliency_fn(self.backbone, image, self.question, **self._saliency_kw(recompute))
+
+            g = None if self.config.checkpoint_layers else self._unless_out_of_memory(lambda: ground(False))
+            self._store(box, g if g is not None else ground(True))
         return self.cache[key]
 
     def ground_views(self, boxes: list[Box]) -> list[_ViewResult]:
@@ -126,17 +128,12 @@ class Refiner:
         if len(todo) > 1 and c.batch_views and self.saliency_fn is token_saliency:
             todo_boxes = [Box(*k) for k in todo]
             images = [self.crop(b) for b in todo_boxes]
-            try:
-                groundings = token_saliency_batch(
-                    self.backbone, images, self.question, **self._saliency_kw(c.checkpoint_layers)
-                )
-            except torch.OutOfMemoryError:
-                groundings = None
-            if groundings is None:
-                self._out_of_memory()
-            else:
-                for box, g in zip(todo_boxes, groundings):
-                    self._store(box, g)
+            kw = self._saliency_kw(c.checkpoint_layers)
+            groundings = self._unless_out_of_memory(
+                lambda: token_saliency_batch(self.backbone, images, self.question, **kw)
+            )
+            for box, g in zip(todo_boxes, groundings or []):
+                self._store(box, g)
         return [self.ground_view(b) for b in boxes]
 
     def features(self, views: list[Box]):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from egg_eval.backbones.base import Backbone, TokenLayout
+from egg_eval.backbones.base import Backbone, TokenLayout, concat_encodings
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -99,11 +99,17 @@ def token_saliency(
         value = OBJECTIVES[objective](logits)
         grads = torch.autograd.grad(value, leaves)
     backbone.counters.n_backward += 1
+    out = _grounding(backbone, enc, image, grads, value, logits, leaves)
+    backbone.counters.time_ground_s += time.perf_counter() - t0
+    return out
+
+
+def _grounding(backbone: Backbone, enc, image: Image.Image, grads, value, logits, leaves) -> Grounding:
+    """One view's :class:`Grounding` from its leaves' gradients (Eq. 4: a norm per token)."""
     scores = torch.cat([g.float().reshape(-1, g.shape[-1]).norm(dim=-1) for g in grads]).cpu().numpy()
     layout = backbone.token_layout(enc, 0, image.size)
     if scores.shape[0] != layout.n_tokens:
         raise RuntimeError(f"{backbone.family}: {scores.shape[0]} visual tokens but layout has {layout.n_tokens}")
-    backbone.counters.time_ground_s += time.perf_counter() - t0
     return Grounding(
         scores=scores,
         layout=layout,
@@ -145,12 +151,7 @@ def token_saliency_batch(
         for k in e
     )
     if same:  # equal-sized views: one vision-tower call for all of them too
-        enc = {
-            k: torch.cat([e[k] for e in encs])
-            if isinstance(encs[0][k], torch.Tensor)
-            else [x for e in encs for x in e[k]]
-            for k in encs[0]
-        }
+        enc = concat_encodings(encs)
         leaves = backbone.visual_leaves(enc)
         per_view = len(leaves) // len(images)
         split = [leaves[i * per_view : (i + 1) * per_view] for i in range(len(images))]
@@ -166,24 +167,10 @@ def token_saliency_batch(
         values = [OBJECTIVES[objective](logits[i]) for i in range(len(images))]
         grads = torch.autograd.grad(torch.stack(values).sum(), leaves)
     backbone.counters.n_backward += 1
-    out = []
-    start = 0
+    out, start = [], 0
     for i, im in enumerate(images):
-        g = grads[start : start + len(split[i])]
-        start += len(split[i])
-        scores = torch.cat([x.float().reshape(-1, x.shape[-1]).norm(dim=-1) for x in g]).cpu().numpy()
-        layout = backbone.token_layout(encs[i], 0, im.size)
-        if scores.shape[0] != layout.n_tokens:
-            raise RuntimeError(f"{backbone.family}: {scores.shape[0]} visual tokens but layout has {layout.n_tokens}")
-        out.append(
-            Grounding(
-                scores=scores,
-                layout=layout,
-                map=layout.to_map(scores),
-                objective_value=float(values[i].detach()),
-                first_token_max_prob=float(torch.softmax(logits[i].detach(), -1).max()),
-                features=[leaf.detach() for leaf in split[i]],
-            )
-        )
+        n = len(split[i])
+        out.append(_grounding(backbone, encs[i], im, grads[start : start + n], values[i], logits[i], split[i]))
+        start += n
     backbone.counters.time_ground_s += time.perf_counter() - t0
     return out
