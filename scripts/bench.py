@@ -50,116 +50,58 @@ def real_size(family: str, layers: int | None, device, dtype):
     (the vision tower stays whole). The tokenizer is the offline tiny one, so prompts are
     shorter than the real ones by a few dozen tokens; image tokens are exact."""
     import torch
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        GotOcr2ImageProcessorPil,
-        InternVLConfig,
-        InternVLForConditionalGeneration,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-        LlavaProcessor,
-        MistralConfig,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
-        Qwen3Config,
-    )
+    from transformers import Qwen3Config
 
-    from egg_eval.backbones.processors import InternVLImageOnlyProcessor, Qwen2_5_VLImageOnlyProcessor
-    from egg_eval.backbones.tiny import _TEMPLATES, build_tokenizer
+    from egg_eval.backbones.tiny import FAMILIES, build, build_tokenizer
 
+    if family not in FAMILIES:
+        raise SystemExit(f"--backbone real knows {', '.join(FAMILIES)}, not {family!r}")
     tok = build_tokenizer()
-    tok.chat_template = _TEMPLATES[family]
-    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    llava_proc = dict(patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    if family == "llava15":
-        text = LlamaConfig(  # vicuna-7b-v1.5
-            vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers or 32,
-            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, **ids,
-        )  # fmt: skip
-        cfg = LlavaConfig(
-            vision_config=CLIPVisionConfig(**CLIP_L336),
-            text_config=text,
-            image_token_id=tok.convert_tokens_to_ids("<image>"),
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-        )
-        model_class = LlavaForConditionalGeneration
-        ip = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-        make_proc = lambda: LlavaProcessor(ip, tok, chat_template=tok.chat_template, **llava_proc)  # noqa: E731
-    elif family == "llava16":
-        text = MistralConfig(  # Mistral-7B-Instruct-v0.2
-            vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers or 32,
-            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-            rope_theta=1e6, sliding_window=None, **ids,
-        )  # fmt: skip
-        cfg = LlavaNextConfig(
-            vision_config=CLIPVisionConfig(**CLIP_L336),
-            text_config=text,
-            image_token_id=tok.convert_tokens_to_ids("<image>"),
-            image_grid_pinpoints=PINPOINTS,
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-        )
-        model_class = LlavaNextForConditionalGeneration
-        ip = LlavaNextImageProcessorPil(
-            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=PINPOINTS
-        )
-        make_proc = lambda: LlavaNextProcessor(ip, tok, chat_template=tok.chat_template, **llava_proc)  # noqa: E731
-    elif family == "qwen25vl":
-        cfg = Qwen2_5_VLConfig(
-            text_config=dict(
-                vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers or 28,
-                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
-                rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}, **ids,
+    sizes = {
+        "llava15": dict(
+            vision=CLIP_L336,
+            text=dict(  # vicuna-7b-v1.5
+                vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers or 32,
+                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
             ),
-            vision_config=dict(
+            image={"side": 336},
+        ),
+        "llava16": dict(
+            vision=CLIP_L336,
+            text=dict(  # Mistral-7B-Instruct-v0.2
+                vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers or 32,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                rope_theta=1e6, sliding_window=None,
+            ),
+            image={"side": 336, "pinpoints": PINPOINTS},
+        ),
+        "qwen25vl": dict(
+            vision=dict(
                 depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                 patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                 fullatt_block_indexes=[7, 15, 23, 31],
             ),
-            image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-            video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
-        )  # fmt: skip
-        model_class = Qwen2_5_VLForConditionalGeneration
-        ip = Qwen2VLImageProcessorPil(
-            size={"shortest_edge": 3136, "longest_edge": 12845056}, patch_size=14, merge_size=2, temporal_patch_size=2
-        )
-        tok.image_token, tok.video_token = "<|image_pad|>", "<|video_pad|>"
-        make_proc = lambda: Qwen2_5_VLImageOnlyProcessor(ip, tok, chat_template=tok.chat_template)  # noqa: E731
-    elif family == "internvl35":
-        cfg = InternVLConfig(
-            vision_config=dict(  # InternViT-300M-448px-V2.5
-                hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                image_size=[448, 448], patch_size=[14, 14], use_mask_token=False,
+            text=dict(
+                vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers or 28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
             ),
-            text_config=Qwen3Config(  # Qwen3-8B
+            image={"min_pixels": 3136, "max_pixels": 12845056},
+        ),
+        "internvl35": dict(
+            vision=dict(  # InternViT-300M-448px-V2.5
+                hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+            ),
+            text=dict(  # Qwen3-8B
                 vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=layers or 36,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                rope_theta=1e6, **ids,
-            ).to_dict(),
-            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
-            downsample_ratio=0.5,
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="default",
-        )  # fmt: skip
-        model_class = InternVLForConditionalGeneration
-        ip = GotOcr2ImageProcessorPil(
-            size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1, max_patches=12
-        )
-        make_proc = lambda: InternVLImageOnlyProcessor(  # noqa: E731
-            ip, tok, image_seq_length=256, chat_template=tok.chat_template
-        )
-    else:
-        raise SystemExit(f"--backbone real knows llava15, llava16, qwen25vl, internvl35, not {family!r}")
+                rope_theta=1e6,
+            ),
+            text_class=Qwen3Config,
+            image={"tile": 448, "max_patches": 12, "seq_length": 256},
+        ),
+    }  # fmt: skip
+    cfg, model_class, proc = build(family, tok, **sizes[family])
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -170,7 +112,7 @@ def real_size(family: str, layers: int | None, device, dtype):
         torch.set_default_dtype(previous)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    return model.eval(), make_proc()
+    return model.eval(), proc
 
 
 def load(args):

@@ -134,8 +134,8 @@ def _text_kw(tokenizer: PreTrainedTokenizerFast, hidden: int) -> dict:
     )
 
 
-def _clip(image_size: int, hidden: int = 32) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
+def _clip(image_size: int, hidden: int = 32) -> dict:
+    return dict(
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
@@ -146,81 +146,55 @@ def _clip(image_size: int, hidden: int = 32) -> CLIPVisionConfig:
     )
 
 
-def tiny_model_and_processor(family: str, seed: int = 0, hidden: int = 32):
-    """Return ``(model, processor)`` of a tiny random ``family`` model (eval mode, float32)."""
-    torch.manual_seed(seed)
-    tok = build_tokenizer()
+def build(family: str, tok: PreTrainedTokenizerFast, *, vision: dict, text: dict, image: dict, text_class=None):
+    """``(config, model class, processor)`` of ``family`` at the given sizes, wired to ``tok``
+    (its chat template, special-token ids and the family's own processor classes). One
+    place for the wiring, used by the tiny test models and by ``scripts/bench.py``'s
+    published 7B/8B configurations. ``vision`` / ``text``: the towers' config kwargs;
+    ``image``: the processor's settings (llava: side; llava16: + pinpoints; qwen: min/max
+    pixels; internvl: tile, max_patches, seq_length); ``text_class``: InternVL's LM config."""
     tok.chat_template = _TEMPLATES[family]
-    if family == "llava15":
-        # 112 px, 14 px patches: an 8x8 grid of visual tokens over the centre crop.
-        cfg = LlavaConfig(
-            vision_config=_clip(112),
-            text_config=LlamaConfig(**_text_kw(tok, hidden)),
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    text = {**ids, **text}
+    llava_proc = dict(
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    )
+    if family in ("llava15", "llava16"):
+        side = image["side"]
+        common = dict(
+            vision_config=CLIPVisionConfig(**vision),
             image_token_id=tok.convert_tokens_to_ids("<image>"),
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",
         )
-        model = LlavaForConditionalGeneration(cfg)
-        ip = CLIPImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
-        proc = LlavaProcessor(
-            image_processor=ip,
-            tokenizer=tok,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=tok.chat_template,
+        square = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        if family == "llava15":
+            cfg = LlavaConfig(text_config=LlamaConfig(**text), **common)
+            ip = CLIPImageProcessorPil(**square)
+            return cfg, LlavaForConditionalGeneration, LlavaProcessor(image_processor=ip, **llava_proc)
+        pin = image["pinpoints"]
+        cfg = LlavaNextConfig(text_config=MistralConfig(**text), image_grid_pinpoints=pin, **common)
+        ip = LlavaNextImageProcessorPil(**square, image_grid_pinpoints=pin)
+        return (
+            cfg,
+            LlavaNextForConditionalGeneration,
+            LlavaNextProcessor(image_processor=ip, **llava_proc),
         )
-    elif family == "llava16":
-        pin = [[56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
-        cfg = LlavaNextConfig(
-            vision_config=_clip(56),
-            text_config=MistralConfig(**_text_kw(tok, hidden)),
-            image_token_id=tok.convert_tokens_to_ids("<image>"),
-            image_grid_pinpoints=pin,
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-        )
-        model = LlavaNextForConditionalGeneration(cfg)
-        ip = LlavaNextImageProcessorPil(
-            size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, image_grid_pinpoints=pin
-        )
-        proc = LlavaNextProcessor(
-            image_processor=ip,
-            tokenizer=tok,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=tok.chat_template,
-        )
-    elif family == "qwen25vl":
-        text = _text_kw(tok, hidden)
-        text.update(num_attention_heads=2, num_key_value_heads=2, rope_scaling=None)
-        head_dim = hidden // 2
-        # mrope sections must add up to head_dim / 2
-        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-        assert sum(text["rope_parameters"]["mrope_section"]) == head_dim // 2
+    if family == "qwen25vl":
         cfg = Qwen2_5_VLConfig(
             text_config=text,
-            vision_config=dict(
-                depth=2,
-                hidden_size=32,
-                intermediate_size=64,
-                num_heads=2,
-                out_hidden_size=hidden,
-                patch_size=14,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                window_size=56,
-                fullatt_block_indexes=[1],
-            ),
+            vision_config=vision,
             image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
             video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
             vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
             vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
         )
-        model = Qwen2_5_VLForConditionalGeneration(cfg)
         ip = Qwen2VLImageProcessorPil(
-            size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64},
+            size={"shortest_edge": image["min_pixels"], "longest_edge": image["max_pixels"]},
             patch_size=14,
             merge_size=2,
             temporal_patch_size=2,
@@ -229,32 +203,64 @@ def tiny_model_and_processor(family: str, seed: int = 0, hidden: int = 32):
         tok.image_token = "<|image_pad|>"
         tok.video_token = "<|video_pad|>"
         proc = Qwen2_5_VLImageOnlyProcessor(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
-    elif family == "internvl35":
+        return cfg, Qwen2_5_VLForConditionalGeneration, proc
+    if family == "internvl35":
+        tile = image["tile"]
         cfg = InternVLConfig(
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                image_size=[112, 112],
-                patch_size=[14, 14],
-                use_mask_token=False,
-            ),
-            text_config=Qwen2Config(**_text_kw(tok, hidden)).to_dict(),
+            vision_config={**vision, "image_size": [tile, tile], "patch_size": [14, 14], "use_mask_token": False},
+            text_config=(text_class or Qwen2Config)(**text).to_dict(),
             image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
             downsample_ratio=0.5,
             vision_feature_layer=-1,
             vision_feature_select_strategy="default",
         )
-        model = InternVLForConditionalGeneration(cfg)
         ip = GotOcr2ImageProcessorPil(
-            size={"height": 112, "width": 112}, crop_to_patches=True, min_patches=1, max_patches=6
+            size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1, max_patches=image["max_patches"]
         )
         proc = InternVLImageOnlyProcessor(
-            image_processor=ip, tokenizer=tok, image_seq_length=16, chat_template=tok.chat_template
+            image_processor=ip, tokenizer=tok, image_seq_length=image["seq_length"], chat_template=tok.chat_template
         )
-    else:
-        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+        return cfg, InternVLForConditionalGeneration, proc
+    raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+
+
+def _tiny_sizes(family: str, tok: PreTrainedTokenizerFast, hidden: int) -> dict:
+    text = _text_kw(tok, hidden)
+    if family == "llava15":  # 112 px, 14 px patches: an 8x8 grid of visual tokens over the centre crop
+        return dict(vision=_clip(112), text=text, image={"side": 112})
+    if family == "llava16":
+        pin = [[56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
+        return dict(vision=_clip(56), text=text, image={"side": 56, "pinpoints": pin})
+    if family == "qwen25vl":
+        text.update(num_attention_heads=2, num_key_value_heads=2, rope_scaling=None)
+        # mrope sections must add up to head_dim / 2
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+        assert sum(text["rope_parameters"]["mrope_section"]) == hidden // 2 // 2
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=hidden,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        )
+        return dict(vision=vision, text=text, image={"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64})
+    if family == "internvl35":
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        return dict(vision=vision, text=text, image={"tile": 112, "max_patches": 6, "seq_length": 16})
+    raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+
+
+def tiny_model_and_processor(family: str, seed: int = 0, hidden: int = 32):
+    """Return ``(model, processor)`` of a tiny random ``family`` model (eval mode, float32)."""
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    cfg, model_class, proc = build(family, tok, **_tiny_sizes(family, tok, hidden))
+    model = model_class(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return model.eval(), proc
