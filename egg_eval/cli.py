@@ -45,6 +45,7 @@ NOT_IN_RESULT = (
     "method.batch_views",
     "method.reuse_features",
     "method.checkpoint_layers",
+    "method.activation_memory_gb",
 )
 
 
@@ -171,6 +172,7 @@ def build(cfg: DictConfig):
             batch_views=m.get("batch_views", True),
             reuse_features=m.get("reuse_features", True),
             checkpoint_layers=m.get("checkpoint_layers", False),
+            activation_memory_gb=m.get("activation_memory_gb", "auto"),
         )
 
         def method(image, text):

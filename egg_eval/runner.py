@@ -155,6 +155,7 @@ def make_record(
         "n_forward": t.get("n_forward", 0),
         "n_backward": t.get("n_backward", 0),
         "memory_fallbacks": t.get("memory_fallbacks", 0),
+        "memory_limited": t.get("memory_limited", 0),
         "time_ground_s": t.get("time_ground_s", 0.0),
         "time_answer_s": t.get("time_answer_s", 0.0),
         "time_s": elapsed,
@@ -192,6 +193,8 @@ def aggregate(records: list[dict], spec: BenchmarkSpec) -> dict[str, Any]:
         out["mean_backward"] = sum(r["n_backward"] for r in ok) / len(ok)
         # grounding passes redone with less memory (batch split, layers recomputed)
         out["memory_fallbacks"] = sum(r.get("memory_fallbacks", 0) for r in ok)
+        # grounding passes planned smaller to keep within method.activation_memory_gb
+        out["memory_limited"] = sum(r.get("memory_limited", 0) for r in ok)
     return out
 
 

@@ -107,6 +107,9 @@ class Counters:
     # grounding passes that ran out of accelerator memory and were redone with less:
     # a round's views one by one instead of batched, then decoder layers recomputed
     memory_fallbacks: int = 0
+    # grounding passes planned smaller up front to stay within method.activation_memory_gb
+    # (a round's views split into single passes, or a view's layers recomputed)
+    memory_limited: int = 0
 
 
 @dataclass

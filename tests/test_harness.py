@@ -29,6 +29,7 @@ RECORD_FIELDS = {
     "n_forward",
     "n_backward",
     "memory_fallbacks",
+    "memory_limited",
     "time_ground_s",
     "time_answer_s",
     "time_s",

@@ -252,3 +252,26 @@ def test_checkpoint_layers_changes_nothing_but_memory(tiny_backbones):
     assert text2 == text and trace2.final_views == trace.final_views
     assert [[g.box for g in r.selected] for r in trace2.rounds] == [[g.box for g in r.selected] for r in trace.rounds]
     assert all("forward" not in vars(m) for m in bb.decoder_layers)  # nothing left patched after the run
+
+
+def test_activation_memory_limit_changes_nothing_but_how_passes_are_run(tiny_backbones):
+    from egg_eval.grounding.refine import activation_budget
+
+    bb = tiny_backbones["llava16"]
+    img = noise_image(300, 170, seed=11)
+    assert activation_budget("auto", bb) is None  # no limit on CPU
+    assert activation_budget(0.5, bb) == 0.5 * 2**30
+    bb.counters.__init__()
+    text, trace = run_egg(bb, img, "q", EggConfig(max_rounds=4, activation_memory_gb=None))
+    assert trace.counters.memory_limited == 0
+    # a limit below any view: every pass recomputes its layers, every batch is split
+    text2, trace2 = run_egg(bb, img, "q", EggConfig(max_rounds=4, activation_memory_gb=1e-6))
+    assert trace2.counters.memory_limited >= trace2.counters.n_backward > 0
+    assert text2 == text and trace2.final_views == trace.final_views
+    assert [[g.box for g in r.selected] for r in trace2.rounds] == [[g.box for g in r.selected] for r in trace.rounds]
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "lots"])
+def test_activation_memory_setting_is_checked(bad):
+    with pytest.raises(ValueError, match="activation_memory_gb"):
+        EggConfig(activation_memory_gb=bad)

@@ -219,3 +219,60 @@ def test_recomputed_layers_hold_fewer_saved_activations(tiny_backbones):
         return total
 
     assert saved_bytes(True) < 0.7 * saved_bytes(False)
+
+
+def _saved_bytes_per_token(bb, image, question) -> float:
+    """Bytes autograd keeps for the grounding backward of one view, per prompt token,
+    weights excluded (they are saved by reference, not copied)."""
+    params = {p.data_ptr() for p in bb.model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
+        return t
+
+    enc = bb.encode([image], question)
+    leaves = bb.visual_leaves(enc)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        bb.next_token_logits(enc, leaves)
+    return sum(seen.values()) / enc["input_ids"].shape[-1]
+
+
+def test_activation_estimate_bounds_what_autograd_keeps(tiny_backbones, family):
+    """The budget's estimate must not undercount the tensors saved for the backward
+    (else a pass it lets through can run out of memory), nor overcount them grossly."""
+    bb = tiny_backbones[family]
+    measured = _saved_bytes_per_token(bb, noise_image(200, 150, seed=4), "What is written on the sign?")
+    estimate = bb.activation_bytes_per_token()
+    assert measured <= estimate <= 3 * measured, (measured, estimate)
+    assert bb.activation_bytes_per_token(layer=1) * bb.num_layers == estimate
+
+
+def test_memory_budget_splits_a_batch_then_recomputes_layers(tiny_backbones, family, monkeypatch):
+    """Over the budget, a batch is grounded one view at a time; a view over it alone has its
+    layers recomputed. The maps are the same in every case."""
+    from egg_eval.grounding.saliency import token_saliency_batch
+
+    bb = tiny_backbones[family]
+    views = [noise_image(120, 90, seed=1), noise_image(60, 80, seed=2), noise_image(200, 200, seed=3)]
+    q = "What is it?"
+    lengths = [bb.encode([v], q)["input_ids"].shape[-1] for v in views]
+    per_token = bb.activation_bytes_per_token()
+    bb.counters.__init__()
+    free = token_saliency_batch(bb, views, q, memory_budget=per_token * len(views) * max(lengths))
+    assert (bb.counters.n_backward, bb.counters.memory_limited) == (1, 0)  # exactly fits: one batch
+    bb.counters.__init__()
+    split = token_saliency_batch(bb, views, q, memory_budget=per_token * max(lengths))
+    assert (bb.counters.n_backward, bb.counters.memory_limited) == (3, 1)  # one pass per view, none recomputed
+    bb.counters.__init__()
+    checkpointed, real = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: checkpointed.append(1) or real(*a, **k))
+    tight = token_saliency_batch(bb, views, q, memory_budget=per_token * (max(lengths) - 1))
+    assert bb.counters.n_backward == 3
+    # the batch split, and each view of the longest prompt recomputed its layers
+    n_long = lengths.count(max(lengths))
+    assert bb.counters.memory_limited == 1 + n_long and len(checkpointed) == n_long * bb.num_layers
+    for a, b, c in zip(free, split, tight):
+        np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4, atol=1e-5 * a.scores.max())
+        np.testing.assert_allclose(c.scores, a.scores, rtol=1e-4, atol=1e-5 * a.scores.max())

@@ -50,6 +50,10 @@ class EggConfig:
     batch_views: bool = True  # ground the new views of a round in one pass where the backbone allows
     reuse_features: bool = True  # the answer takes each view's embeddings from its grounding pass
     checkpoint_layers: bool = False  # recompute decoder layers in the backward: less memory, more time
+    # activations a grounding pass may hold, GiB: over it, a round's views are grounded one by
+    # one and a view's layers recomputed. "auto" = AUTO_ACTIVATION_FRACTION of the weights'
+    # bytes on a GPU (peak within 1.5x the plain model's), no limit on CPU; None = no limit.
+    activation_memory_gb: float | str | None = "auto"
 
     def __post_init__(self):
         if self.stopping not in STOPPING_RULES:
@@ -58,6 +62,23 @@ class EggConfig:
             raise ValueError("top_k must be >= 1")
         if self.max_rounds < 1 or (self.stopping == "fixed" and self.n_rounds < 1):
             raise ValueError("max_rounds and n_rounds must be >= 1")
+        a = self.activation_memory_gb
+        if not (a is None or a == "auto" or (isinstance(a, int | float) and a > 0)):
+            raise ValueError(f"activation_memory_gb must be a positive number of GiB, 'auto' or null, got {a!r}")
+
+
+AUTO_ACTIVATION_FRACTION = 0.4  # of the weights' bytes; leaves room for the answer pass's KV cache
+
+
+def activation_budget(setting: float | str | None, backbone) -> float | None:
+    """Bytes of activations a grounding pass may hold under ``activation_memory_gb``."""
+    if setting is None:
+        return None
+    if setting == "auto":
+        if getattr(backbone, "device", None) is None or backbone.device.type != "cuda":
+            return None
+        return AUTO_ACTIVATION_FRACTION * sum(p.numel() * p.element_size() for p in backbone.model.parameters())
+    return float(setting) * 2**30
 
 
 @dataclass
@@ -82,13 +103,15 @@ class Refiner:
         self.saliency_fn = saliency_fn
         self.whole = Box.of_image(*image.size)
         self.cache: dict[tuple, _ViewResult] = {}
+        self.memory_budget = activation_budget(config.activation_memory_gb, backbone)
 
     def crop(self, box: Box) -> Image.Image:
         return self.image if box == self.whole else self.image.crop(tuple(int(v) for v in box.as_list()))
 
     def _saliency_kw(self, recompute_layers: bool) -> dict:
         c = self.config
-        return dict(objective=c.objective, token_index=c.token_index, layer=c.layer, recompute_layers=recompute_layers)
+        kw = dict(objective=c.objective, token_index=c.token_index, layer=c.layer, recompute_layers=recompute_layers)
+        return kw if self.memory_budget is None else {**kw, "memory_budget": self.memory_budget}
 
     def _unless_out_of_memory(self, attempt: Callable[[], object]):
         """``attempt()``, or ``None`` when it ran out of accelerator memory: the fallback is

@@ -79,11 +79,14 @@ def token_saliency(
     token_index: int = 1,
     layer: int | None = None,
     recompute_layers: bool = False,
+    memory_budget: float | None = None,
 ) -> Grounding:
     """Ground one view: the gradient norm of ``objective`` at decoding step ``token_index``
     (1 = first answer token; t > 1 greedy-unrolls t - 1 tokens first) through the first
     ``layer`` decoder layers (None = all), with respect to each projected visual token.
-    ``recompute_layers`` trades memory for time (same scores; method.checkpoint_layers).
+    ``recompute_layers`` trades memory for time (same scores; method.checkpoint_layers);
+    it is switched on when the pass's estimated activations
+    (:meth:`Backbone.activation_bytes_per_token`) exceed ``memory_budget`` bytes.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
@@ -93,15 +96,29 @@ def token_saliency(
     enc = backbone.encode([image], question)
     if token_index > 1:
         enc = backbone.append_tokens(enc, backbone.greedy_tokens(enc, token_index - 1))
+    out = _ground_encoded(backbone, enc, image, objective, layer, recompute_layers, memory_budget)
+    backbone.counters.time_ground_s += time.perf_counter() - t0
+    return out
+
+
+def _over_budget(backbone: Backbone, n_tokens: int, layer: int | None, memory_budget: float | None) -> bool:
+    """Whether a pass over ``n_tokens`` prompt tokens would hold more than ``memory_budget``
+    bytes of activations for its backward (never, without a budget)."""
+    return memory_budget is not None and n_tokens * backbone.activation_bytes_per_token(layer) > memory_budget
+
+
+def _ground_encoded(backbone: Backbone, enc, image, objective, layer, recompute_layers, memory_budget) -> Grounding:
+    """The forward and backward of one encoded view."""
+    if not recompute_layers and _over_budget(backbone, enc["input_ids"].shape[-1], layer, memory_budget):
+        recompute_layers = True
+        backbone.counters.memory_limited += 1
     leaves = backbone.visual_leaves(enc)
     with torch.enable_grad():
         logits = backbone.next_token_logits(enc, leaves, layer=layer, recompute_layers=recompute_layers)
         value = OBJECTIVES[objective](logits)
         grads = torch.autograd.grad(value, leaves)
     backbone.counters.n_backward += 1
-    out = _grounding(backbone, enc, image, grads, value, logits, leaves)
-    backbone.counters.time_ground_s += time.perf_counter() - t0
-    return out
+    return _grounding(backbone, enc, image, grads, value, logits, leaves)
 
 
 def _grounding(backbone: Backbone, enc, image: Image.Image, grads, value, logits, leaves) -> Grounding:
@@ -129,6 +146,7 @@ def token_saliency_batch(
     token_index: int = 1,
     layer: int | None = None,
     recompute_layers: bool = False,
+    memory_budget: float | None = None,
 ) -> list[Grounding]:
     """:func:`token_saliency` of several views in ONE forward and ONE backward pass.
 
@@ -136,15 +154,22 @@ def token_saliency_batch(
     differ, :meth:`Backbone.stack_lm_inputs`); the objective is summed over the batch.
     Rows of a batch do not interact, so the gradient of the sum with respect to a view's
     leaves is exactly that view's own gradient. Falls back to one pass per view when the
-    backbone cannot batch or ``token_index > 1``.
+    backbone cannot batch, ``token_index > 1``, or the batch's estimated activations
+    exceed ``memory_budget`` bytes (each view then is held to the budget on its own).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
+    kw = dict(objective=objective, layer=layer, recompute_layers=recompute_layers, memory_budget=memory_budget)
     if len(images) < 2 or not backbone.batch_grounding or token_index != 1:
-        kw = dict(objective=objective, token_index=token_index, layer=layer, recompute_layers=recompute_layers)
-        return [token_saliency(backbone, im, question, **kw) for im in images]
+        return [token_saliency(backbone, im, question, token_index=token_index, **kw) for im in images]
     t0 = time.perf_counter()
     encs = [backbone.encode([im], question) for im in images]
+    padded = len(encs) * max(e["input_ids"].shape[-1] for e in encs)
+    if _over_budget(backbone, padded, layer, memory_budget):
+        backbone.counters.memory_limited += 1
+        out = [_ground_encoded(backbone, e, im, **kw) for e, im in zip(encs, images)]
+        backbone.counters.time_ground_s += time.perf_counter() - t0
+        return out
     same = all(e.keys() == encs[0].keys() for e in encs) and all(
         isinstance(e[k], list) or (isinstance(e[k], torch.Tensor) and e[k].shape == encs[0][k].shape)
         for e in encs
