@@ -27,12 +27,13 @@ import subprocess
 import sys
 import time
 
-METHODS = {  # each speed-up switched on in turn
+METHODS = {  # each speed-up switched on in turn; "egg" is the default configuration
     "vanilla": {},
-    "egg_one_view_per_pass": {"batch_views": False, "reuse_features": False},
-    "egg_batched_views": {"batch_views": True, "reuse_features": False},
-    "egg": {"batch_views": True, "reuse_features": True},
-    "egg_recompute_layers": {"batch_views": True, "reuse_features": True, "checkpoint_layers": True},
+    "egg_one_view_per_pass": {"batch_views": False, "reuse_features": False, "activation_memory_gb": None},
+    "egg_batched_views": {"batch_views": True, "reuse_features": False, "activation_memory_gb": None},
+    "egg_reused_features": {"batch_views": True, "reuse_features": True, "activation_memory_gb": None},
+    "egg": {},  # + passes planned to the activation budget (method.activation_memory_gb=auto)
+    "egg_recompute_layers": {"checkpoint_layers": True},
 }
 
 
@@ -148,7 +149,9 @@ def child(args) -> dict:
     from egg_eval.grounding.saliency import token_saliency
 
     torch.set_num_threads(args.threads)
+    t_load = time.perf_counter()
     backbone = load(args)
+    load_s = time.perf_counter() - t_load
     cuda = backbone.device.type == "cuda"
     samples = list(rows(args.n + 1, seed=2000))
     if args.image_size:  # dynamic-resolution models (Qwen2.5-VL, InternVL, LLaVA-1.6) see more tokens
@@ -185,9 +188,14 @@ def child(args) -> dict:
                 enc = backbone.encode([r["image"]], text(r))
                 plain[i] = min(plain[i], timed(lambda: plain_forward(enc))[0])  # noqa: B023
                 ground[i] = min(ground[i], timed(lambda: token_saliency(backbone, r["image"], text(r)))[0])  # noqa: B023
-        return {"forward_s": statistics.median(plain), "grounding_s": statistics.median(ground)}
-    cfg = EggConfig(**METHODS[method]) if method != "vanilla" else None
-    times, fwd, bwd, fallbacks = [float("inf")] * len(samples), [], [], 0
+        return {"forward_s": statistics.median(plain), "grounding_s": statistics.median(ground), "load_s": load_s}
+    settings = dict(METHODS[method])
+    if method == "egg" and args.activation_memory_gb is not None:  # another budget for the default method
+        settings["activation_memory_gb"] = (
+            None if args.activation_memory_gb == "none" else float(args.activation_memory_gb)
+        )
+    cfg = EggConfig(**settings) if method != "vanilla" else None
+    times, fwd, bwd, fallbacks, limited = [float("inf")] * len(samples), [], [], 0, []
     for rep in range(args.repeats):
         for i, r in enumerate(samples):
             if cfg is None:
@@ -198,6 +206,7 @@ def child(args) -> dict:
             if rep == 0:
                 fwd.append(trace.counters.n_forward)
                 bwd.append(trace.counters.n_backward)
+                limited.append(trace.counters.memory_limited)
             fallbacks += trace.counters.memory_fallbacks
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
@@ -205,10 +214,12 @@ def child(args) -> dict:
         "forward": statistics.mean(fwd),
         "backward": statistics.mean(bwd),
         "memory_fallbacks": fallbacks,
+        "memory_limited": statistics.mean(limited),
         "peak_mb": peak / 2**20,
         "extra_mb": (peak - base_mem) / 2**20,
         "device": str(backbone.device),
         "dtype": str(backbone.dtype),
+        "load_s": load_s,
     }
 
 
@@ -224,6 +235,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="time each sample this many times, keep the fastest")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument(
+        "--activation-memory-gb", default=None, help="egg: this activation budget (GiB, or none) instead of auto"
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -232,20 +246,23 @@ def main() -> None:
     base = [sys.executable, __file__] + [a for a in sys.argv[1:]]
     results = {}
     for m in [*args.methods.split(","), "passes"]:
+        t0 = time.perf_counter()
         out = subprocess.run([*base, "--child", m], capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"{m} failed:\n{out.stderr[-2000:]}")
         results[m] = json.loads(out.stdout.strip().splitlines()[-1])
+        # progress on stderr, so that a run cut short still shows what it had measured
+        print(f"{m}: {results[m]} ({time.perf_counter() - t0:.0f} s with load)", file=sys.stderr, flush=True)
     van = results.get("vanilla")
     print(
         f"backbone={args.backbone} family={args.family} n={args.n} image={args.image_size or 320}px "
         f"repeats={args.repeats} device={args.device} dtype={args.dtype} layers={args.layers or 'all'}\n"
     )
     print(
-        "| method | median s/sample | x vanilla | forward/sample | backward/sample "
+        "| method | median s/sample | x vanilla | forward/sample | backward/sample | limited/sample "
         "| peak MB | x vanilla | above model MB |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for m, r in results.items():
         if m == "passes":
             continue
@@ -256,6 +273,7 @@ def main() -> None:
             tx,
             f"{r['forward']:.1f}",
             f"{r['backward']:.1f}",
+            f"{r['memory_limited']:.1f}",
             f"{r['peak_mb']:.0f}",
             mx,
             f"{r['extra_mb']:.0f}",

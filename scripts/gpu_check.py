@@ -1,0 +1,92 @@
+"""Check that grounding runs correctly on a GPU, for each family, before timing it.
+
+    python scripts/gpu_check.py                       # all four families, 2 decoder layers, cuda bf16
+    python scripts/gpu_check.py --families qwen25vl --layers 4 --dtype float32
+
+For each family it builds the published 7B/8B architecture with random weights (as
+``scripts/bench.py --backbone real`` does, decoder cut to ``--layers``), and on the device:
+
+* grounds three views of different sizes in one batched pass and one pass per view, and
+  prints the largest relative difference of the maps (the batched path pads rows and reads
+  each row at its own last position; it must give each view its own map);
+* runs the plain model and full iterative EGG on one sample.
+
+A family that fails prints its traceback and the script goes on with the next one; the
+exit status is the number of families that failed. The CPU tests cover the same paths on
+the tiny models; this script exists because CI has no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def check(family: str, layers: int, device: str, dtype: str) -> float:
+    import numpy as np
+    import torch
+    from bench import real_size
+
+    from egg_eval.backbones import BACKBONES
+    from egg_eval.backbones.base import resolve_device_dtype
+    from egg_eval.data.benchmarks import OPEN_SUFFIX
+    from egg_eval.data.detail import rows
+    from egg_eval.grounding.refine import EggConfig, run_egg, run_vanilla
+    from egg_eval.grounding.saliency import token_saliency, token_saliency_batch
+
+    dev, dt = resolve_device_dtype(device, dtype)
+    t0 = time.perf_counter()
+    model, proc = real_size(family, layers, dev, dt)
+    bb = BACKBONES[family](model, proc, name=f"{family}_random", max_new_tokens=4)
+    print(f"  built in {time.perf_counter() - t0:.1f} s on {bb.device} {bb.dtype}")
+    r = next(iter(rows(1, seed=2000)))
+    q = f"{r['question']}\n{OPEN_SUFFIX}"
+    img = r["image"]
+    views = [img, img.crop((0, 0, 160, 120)), img.crop((100, 60, 300, 260))]
+    batched = token_saliency_batch(bb, views, q)
+    worst = 0.0
+    for v, g in zip(views, batched):
+        one = token_saliency(bb, v, q)
+        assert g.scores.shape == one.scores.shape, (g.scores.shape, one.scores.shape)
+        assert np.isfinite(g.scores).all()
+        worst = max(worst, float(np.abs(g.scores - one.scores).max() / max(one.scores.max(), 1e-30)))
+    print(f"  views {[g.scores.shape[0] for g in batched]} tokens: batched vs one pass, max |diff| / max = {worst:.2e}")
+    ans, _ = run_vanilla(bb, img, q)
+    out, trace = run_egg(bb, img, q, EggConfig())
+    c = trace.counters
+    print(f"  vanilla -> {ans!r}; egg -> {out!r}: {c.n_forward} forward, {c.n_backward} backward")
+    if dev.type == "cuda":
+        print(f"  peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    del bb, model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return worst
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--families", default="llava15,llava16,qwen25vl,internvl35")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+    failed = 0
+    for family in args.families.split(","):
+        print(f"{family}:", flush=True)
+        try:
+            check(family, args.layers, args.device, args.dtype)
+            print("  OK", flush=True)
+        except Exception:
+            failed += 1
+            traceback.print_exc()
+            print("  FAILED", flush=True)
+    return failed
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
