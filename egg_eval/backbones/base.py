@@ -353,17 +353,31 @@ class Backbone:
 
     def activation_bytes_per_token(self, layer: int | None = None) -> int:
         """Estimated bytes one prompt token keeps alive for the grounding backward through the
-        first ``layer`` decoder layers (None = all): (10 h + 3 i) elements per layer, h the
-        hidden and i the MLP width. Parameters need no gradient, so autograd saves no inputs
-        of linear layers; what stays is the RMSNorms' float32 inputs, attention's q, k, v,
-        output and the MLP's gate and up (about 8 h, 8 h at 2 bytes and 6 i bytes in bf16;
-        rounded up). On an H100 in bf16 the measured excess over the loaded model was 141 to
-        144 KB per token and layer for LLaVA-1.5's 576-token views (this estimate: 148)."""
+        first ``layer`` decoder layers (None = all).
+
+        Parameters need no gradient, so autograd keeps no input of a linear layer. Per layer
+        what stays is: the two RMSNorms' float32 inputs (4 h in model-dtype elements), the
+        attention's q and output (2 q) and k and v (2 kv), the MLP's gate, activation and up
+        (3 i), and where the attention normalises q and k (Qwen3, InternVL-3.5) their float32
+        inputs (2 q + 2 kv). h: hidden width, q: heads x head_dim, kv: key-value heads x
+        head_dim, i: MLP width. Times 1.1 for the allocator and the backward's own buffers.
+
+        Checked at the published widths (bf16, CPU, tensors autograd saved per token and layer,
+        the difference between 1 and 2 layers): LLaVA-1.5 131,720 B (formula 131,584),
+        LLaVA-1.6 139,400 (139,264), Qwen2.5-VL 158,840 (158,720), InternVL-3.5 147,752
+        (147,456). On an H100 LLaVA-1.5's grounding passes held 141-144 KB per token and
+        layer above the model, within this estimate's 145 KB."""
         cfg = self.model.config.get_text_config()
-        h = cfg.hidden_size
+        h, heads = cfg.hidden_size, cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or h // heads
+        q = heads * head_dim
+        kv = (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
         i = getattr(cfg, "intermediate_size", None) or 4 * h
+        elements = 4 * h + 2 * q + 2 * kv + 3 * i
+        if getattr(self.decoder_layers[0].self_attn, "q_norm", None) is not None:
+            elements += 2 * q + 2 * kv
         n = self.num_layers if layer is None or layer == -1 else layer
-        return n * (10 * h + 3 * i) * self.dtype.itemsize
+        return int(1.1 * n * elements * self.dtype.itemsize)
 
     def next_token_logits(
         self,

@@ -199,3 +199,22 @@ def token_saliency_batch(
         start += n
     backbone.counters.time_ground_s += time.perf_counter() - t0
     return out
+
+
+def saved_bytes_per_token(backbone: Backbone, image: Image.Image, question: str) -> float:
+    """Bytes autograd keeps for one view's grounding backward, per prompt token, weights
+    excluded (saved by reference, not copied): what
+    :meth:`Backbone.activation_bytes_per_token` estimates (``scripts/activation_check.py``)."""
+    params = {p.data_ptr() for p in backbone.model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in params:
+            seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
+        return t
+
+    enc = backbone.encode([image], question)
+    leaves = backbone.visual_leaves(enc)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        backbone.next_token_logits(enc, leaves)
+    return sum(seen.values()) / enc["input_ids"].shape[-1]
