@@ -8,10 +8,12 @@
 
 Prints, per method, the median seconds per sample, forward and backward passes per
 sample and the peak memory, and, for one view, one grounding pass (forward + backward to
-the visual tokens) against one plain forward. Every method runs in its own child process
-so that peak memory is its own: on GPU ``torch.cuda.max_memory_allocated``, on CPU the
-peak resident set size (``ru_maxrss``), both whole (weights included: what decides whether
-a job fits) and above the loaded, warmed-up model (what the method itself adds).
+the visual tokens) against one plain forward. Each method first runs on one extra sample
+(not counted). Peak memory is on GPU ``torch.cuda.max_memory_allocated`` (reset before
+each method, so all methods share one process and one model load), on CPU the peak
+resident set size (``ru_maxrss``, which cannot be reset, so each method gets its own
+process); both whole (weights included: what decides whether a job fits) and above the
+loaded model (what the method itself adds). ``--processes`` overrides the choice.
 
 ``--backbone real`` builds the published 7B configuration of the family with RANDOM
 weights (no download): only timings and memory mean anything there, not answers.
@@ -138,8 +140,9 @@ def load(args):
     return load_backbone(args.family, args.backbone, dtype=args.dtype, device=args.device, max_new_tokens=4)
 
 
-def child(args) -> dict:
-    """Run one method on the samples in this process; report its numbers as JSON."""
+def child(args):
+    """Load the model once and measure each method of ``args.child`` (comma-separated) in
+    turn; each method's numbers go to stdout as one JSON line as soon as they are taken."""
     import torch
     from PIL import Image
 
@@ -157,16 +160,7 @@ def child(args) -> dict:
     if args.image_size:  # dynamic-resolution models (Qwen2.5-VL, InternVL, LLaVA-1.6) see more tokens
         samples = [{**r, "image": r["image"].resize((args.image_size,) * 2, Image.BICUBIC)} for r in samples]
     text = lambda r: f"{r['question']}\n{OPEN_SUFFIX}"  # noqa: E731
-    method = args.child
-    # warm-up on an extra sample (allocator, kernels), not counted
-    warm = samples.pop()
-    run_vanilla(backbone, warm["image"], text(warm))
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.max_memory_allocated()
-    else:
-        base_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    warm = samples.pop()  # an extra sample each method first runs on (allocator, kernels), not counted
 
     def timed(fn):
         """(seconds, result) of ``fn()``, the device synchronised."""
@@ -180,47 +174,67 @@ def child(args) -> dict:
         with torch.no_grad():
             return backbone.model(**backbone.model_inputs(enc), use_cache=False, logits_to_keep=1)
 
-    # per sample the fastest of ``repeats`` timings (as timeit does), then the median
-    if method == "passes":
-        plain, ground = [float("inf")] * len(samples), [float("inf")] * len(samples)
-        for _ in range(args.repeats):
+    def memory() -> int:
+        return torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def measure(method: str) -> dict:
+        # per sample the fastest of ``repeats`` timings (as timeit does), then the median
+        if method == "passes":
+            plain, ground = [float("inf")] * len(samples), [float("inf")] * len(samples)
+            token_saliency(backbone, warm["image"], text(warm))
+            for _ in range(args.repeats):
+                for i, r in enumerate(samples):
+                    enc = backbone.encode([r["image"]], text(r))
+                    plain[i] = min(plain[i], timed(lambda: plain_forward(enc))[0])  # noqa: B023
+                    ground[i] = min(ground[i], timed(lambda: token_saliency(backbone, r["image"], text(r)))[0])  # noqa: B023
+            return {"forward_s": statistics.median(plain), "grounding_s": statistics.median(ground), "load_s": load_s}
+        settings = dict(METHODS[method])
+        if method == "egg" and args.activation_memory_gb is not None:  # another budget for the default method
+            settings["activation_memory_gb"] = (
+                None if args.activation_memory_gb == "none" else float(args.activation_memory_gb)
+            )
+        cfg = EggConfig(**settings) if method != "vanilla" else None
+
+        def run(r):
+            return (
+                run_vanilla(backbone, r["image"], text(r))
+                if cfg is None
+                else run_egg(backbone, r["image"], text(r), cfg)
+            )
+
+        base_mem = memory()  # CPU: the peak RSS so far, i.e. the loaded model (a process per method)
+        run(warm)
+        if cuda:  # the peak from here on is this method's; what is allocated now is the model
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = memory()
+        times, fwd, bwd, fallbacks, limited = [float("inf")] * len(samples), [], [], 0, []
+        for rep in range(args.repeats):
             for i, r in enumerate(samples):
-                enc = backbone.encode([r["image"]], text(r))
-                plain[i] = min(plain[i], timed(lambda: plain_forward(enc))[0])  # noqa: B023
-                ground[i] = min(ground[i], timed(lambda: token_saliency(backbone, r["image"], text(r)))[0])  # noqa: B023
-        return {"forward_s": statistics.median(plain), "grounding_s": statistics.median(ground), "load_s": load_s}
-    settings = dict(METHODS[method])
-    if method == "egg" and args.activation_memory_gb is not None:  # another budget for the default method
-        settings["activation_memory_gb"] = (
-            None if args.activation_memory_gb == "none" else float(args.activation_memory_gb)
-        )
-    cfg = EggConfig(**settings) if method != "vanilla" else None
-    times, fwd, bwd, fallbacks, limited = [float("inf")] * len(samples), [], [], 0, []
-    for rep in range(args.repeats):
-        for i, r in enumerate(samples):
-            if cfg is None:
-                t, (_, trace) = timed(lambda: run_vanilla(backbone, r["image"], text(r)))  # noqa: B023
-            else:
-                t, (_, trace) = timed(lambda: run_egg(backbone, r["image"], text(r), cfg))  # noqa: B023
-            times[i] = min(times[i], t)
-            if rep == 0:
-                fwd.append(trace.counters.n_forward)
-                bwd.append(trace.counters.n_backward)
-                limited.append(trace.counters.memory_limited)
-            fallbacks += trace.counters.memory_fallbacks
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {
-        "median_s": statistics.median(times),
-        "forward": statistics.mean(fwd),
-        "backward": statistics.mean(bwd),
-        "memory_fallbacks": fallbacks,
-        "memory_limited": statistics.mean(limited),
-        "peak_mb": peak / 2**20,
-        "extra_mb": (peak - base_mem) / 2**20,
-        "device": str(backbone.device),
-        "dtype": str(backbone.dtype),
-        "load_s": load_s,
-    }
+                t, (_, trace) = timed(lambda: run(r))  # noqa: B023
+                times[i] = min(times[i], t)
+                if rep == 0:
+                    fwd.append(trace.counters.n_forward)
+                    bwd.append(trace.counters.n_backward)
+                    limited.append(trace.counters.memory_limited)
+                fallbacks += trace.counters.memory_fallbacks
+        peak = memory()
+        return {
+            "median_s": statistics.median(times),
+            "forward": statistics.mean(fwd),
+            "backward": statistics.mean(bwd),
+            "memory_fallbacks": fallbacks,
+            "memory_limited": statistics.mean(limited),
+            "peak_mb": peak / 2**20,
+            "extra_mb": (peak - base_mem) / 2**20,
+            "device": str(backbone.device),
+            "dtype": str(backbone.dtype),
+            "load_s": load_s,
+        }
+
+    for method in args.child.split(","):
+        print(json.dumps({method: measure(method)}), flush=True)
 
 
 def main() -> None:
@@ -238,21 +252,33 @@ def main() -> None:
     ap.add_argument(
         "--activation-memory-gb", default=None, help="egg: this activation budget (GiB, or none) instead of auto"
     )
+    ap.add_argument(
+        "--processes",
+        choices=("auto", "one", "each"),
+        default="auto",
+        help="each: a process per method (CPU peak RSS cannot be reset); one: load the model once for all "
+        "methods (GPU peaks are reset per method); auto: one on cuda, each elsewhere",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args)))
+        child(args)
         return
     base = [sys.executable, __file__] + [a for a in sys.argv[1:]]
+    methods = [*args.methods.split(","), "passes"]
+    one = args.processes == "one" or (args.processes == "auto" and args.device.startswith("cuda"))
     results = {}
-    for m in [*args.methods.split(","), "passes"]:
+    for group in [methods] if one else [[m] for m in methods]:
         t0 = time.perf_counter()
-        out = subprocess.run([*base, "--child", m], capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(f"{m} failed:\n{out.stderr[-2000:]}")
-        results[m] = json.loads(out.stdout.strip().splitlines()[-1])
-        # progress on stderr, so that a run cut short still shows what it had measured
-        print(f"{m}: {results[m]} ({time.perf_counter() - t0:.0f} s with load)", file=sys.stderr, flush=True)
+        proc = subprocess.Popen([*base, "--child", ",".join(group)], stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout:  # one JSON line per method as it is measured
+            if line.startswith("{"):
+                (m, r), *_ = json.loads(line).items()
+                results[m] = r
+                # progress on stderr, so that a run cut short still shows what it had measured
+                print(f"{m}: {r} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        if proc.wait():
+            raise SystemExit(f"{','.join(group)} failed (its error is above)")
     van = results.get("vanilla")
     print(
         f"backbone={args.backbone} family={args.family} n={args.n} image={args.image_size or 320}px "

@@ -129,6 +129,28 @@ def test_bench_script_prints_its_table():
     # one batched pass per round: never more backward passes than grounding one view at a time
     assert results["egg"]["backward"] <= results["egg_one_view_per_pass"]["backward"]
     assert results["passes"]["grounding_s"] > 0 and "grounding pass" in out
+    # all methods in one process (the GPU default): the same work per method
+    one = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--backbone",
+            "tiny",
+            "--n",
+            "2",
+            "--methods",
+            "vanilla,egg",
+            "--processes",
+            "one",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    shared = json.loads(one.strip().splitlines()[-1])
+    assert set(shared) == {"vanilla", "egg", "passes"}
+    for m in ("vanilla", "egg"):
+        assert (shared[m]["forward"], shared[m]["backward"]) == (results[m]["forward"], results[m]["backward"])
 
 
 def test_merge_refuses_shards_run_with_other_settings(tmp_path):
