@@ -271,7 +271,7 @@ def test_activation_memory_limit_changes_nothing_but_how_passes_are_run(tiny_bac
     assert [[g.box for g in r.selected] for r in trace2.rounds] == [[g.box for g in r.selected] for r in trace.rounds]
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, "lots"])
+@pytest.mark.parametrize("bad", [0, -1.0, "lots", True])
 def test_activation_memory_setting_is_checked(bad):
     with pytest.raises(ValueError, match="activation_memory_gb"):
         EggConfig(activation_memory_gb=bad)

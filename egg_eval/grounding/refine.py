@@ -63,7 +63,7 @@ class EggConfig:
         if self.max_rounds < 1 or (self.stopping == "fixed" and self.n_rounds < 1):
             raise ValueError("max_rounds and n_rounds must be >= 1")
         a = self.activation_memory_gb
-        if not (a is None or a == "auto" or (isinstance(a, int | float) and a > 0)):
+        if not (a is None or a == "auto" or (isinstance(a, int | float) and not isinstance(a, bool) and a > 0)):
             raise ValueError(f"activation_memory_gb must be a positive number of GiB, 'auto' or null, got {a!r}")
 
 
