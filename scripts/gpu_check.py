@@ -30,19 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def check(family: str, layers: int, device: str, dtype: str) -> float:
     import numpy as np
     import torch
-    from bench import real_size
+    from bench import load
 
-    from egg_eval.backbones import BACKBONES
-    from egg_eval.backbones.base import resolve_device_dtype
     from egg_eval.data.benchmarks import OPEN_SUFFIX
     from egg_eval.data.detail import rows
     from egg_eval.grounding.refine import EggConfig, run_egg, run_vanilla
     from egg_eval.grounding.saliency import token_saliency, token_saliency_batch
 
-    dev, dt = resolve_device_dtype(device, dtype)
     t0 = time.perf_counter()
-    model, proc = real_size(family, layers, dev, dt)
-    bb = BACKBONES[family](model, proc, name=f"{family}_random", max_new_tokens=4)
+    bb = load(argparse.Namespace(backbone="real", family=family, layers=layers, device=device, dtype=dtype))
     print(f"  built in {time.perf_counter() - t0:.1f} s on {bb.device} {bb.dtype}")
     r = next(iter(rows(1, seed=2000)))
     q = f"{r['question']}\n{OPEN_SUFFIX}"
@@ -60,10 +56,9 @@ def check(family: str, layers: int, device: str, dtype: str) -> float:
     out, trace = run_egg(bb, img, q, EggConfig())
     c = trace.counters
     print(f"  vanilla -> {ans!r}; egg -> {out!r}: {c.n_forward} forward, {c.n_backward} backward")
-    if dev.type == "cuda":
+    if bb.device.type == "cuda":
         print(f"  peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    del bb, model
-    if dev.type == "cuda":
+        del bb
         torch.cuda.empty_cache()
     return worst
 

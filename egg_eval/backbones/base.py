@@ -9,6 +9,7 @@ token lies in the view (``token_boxes``). Everything else is here, once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import time
 from collections.abc import Iterator, Sequence
@@ -247,6 +248,11 @@ class Backbone:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @functools.cached_property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters (summed once: the activation budget asks per sample)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     # --------------------------------------------------------------- prompting
     def prompt(self, n_images: int, text: str) -> str:

@@ -77,7 +77,7 @@ def activation_budget(setting: float | str | None, backbone) -> float | None:
     if setting == "auto":
         if getattr(backbone, "device", None) is None or backbone.device.type != "cuda":
             return None
-        return AUTO_ACTIVATION_FRACTION * sum(p.numel() * p.element_size() for p in backbone.model.parameters())
+        return AUTO_ACTIVATION_FRACTION * backbone.weight_bytes
     return float(setting) * 2**30
 
 
@@ -110,8 +110,13 @@ class Refiner:
 
     def _saliency_kw(self, recompute_layers: bool) -> dict:
         c = self.config
-        kw = dict(objective=c.objective, token_index=c.token_index, layer=c.layer, recompute_layers=recompute_layers)
-        return kw if self.memory_budget is None else {**kw, "memory_budget": self.memory_budget}
+        return dict(
+            objective=c.objective,
+            token_index=c.token_index,
+            layer=c.layer,
+            recompute_layers=recompute_layers,
+            memory_budget=self.memory_budget,
+        )
 
     def _unless_out_of_memory(self, attempt: Callable[[], object]):
         """``attempt()``, or ``None`` when it ran out of accelerator memory: the fallback is

@@ -168,8 +168,14 @@ def token_saliency_batch(
     if _over_budget(backbone, padded, layer, memory_budget):
         backbone.counters.memory_limited += 1
         out = [_ground_encoded(backbone, e, im, **kw) for e, im in zip(encs, images)]
-        backbone.counters.time_ground_s += time.perf_counter() - t0
-        return out
+    else:
+        out = _ground_stacked(backbone, encs, images, objective, layer, recompute_layers)
+    backbone.counters.time_ground_s += time.perf_counter() - t0
+    return out
+
+
+def _ground_stacked(backbone: Backbone, encs, images, objective, layer, recompute_layers) -> list[Grounding]:
+    """The forward and backward of several encoded views as one batch."""
     same = all(e.keys() == encs[0].keys() for e in encs) and all(
         isinstance(e[k], list) or (isinstance(e[k], torch.Tensor) and e[k].shape == encs[0][k].shape)
         for e in encs
@@ -197,7 +203,6 @@ def token_saliency_batch(
         n = len(split[i])
         out.append(_grounding(backbone, encs[i], im, grads[start : start + n], values[i], logits[i], split[i]))
         start += n
-    backbone.counters.time_ground_s += time.perf_counter() - t0
     return out
 
 
