@@ -121,21 +121,22 @@ def test_the_builtin_default_is_the_trained_toy_on_detail(tmp_path):
 
 
 def test_demo_numbers_on_a_fixed_subset_stay_in_their_band(toy):
-    """Regression guard for the shipped checkpoint, not a speed test. Measured here (40 held-out
-    scenes, 18 single-region): vanilla 55.6% single; EGG K=1 83.3% single, IoU 0.36, hit 100%;
-    EGG K=2 IoU 0.25; oracle crop 94.4% single, IoU 0.44. Bands allow a few flipped answers on
-    another BLAS."""
+    """Regression guard for the shipped checkpoint, not a speed test. Measured here (120 held-out
+    scenes, 57 single-region): vanilla 35.1% single; EGG K=1 64.9% single, IoU 0.38, hit 97.5%;
+    EGG K=2 IoU 0.34; oracle crop 89.5% single, IoU 0.44. 120 scenes, not 40: on the first 40
+    (18 single) one checkpoint's EGG gain swung from +28 to +6 points with 4 answers, while over
+    all 300 demo scenes it was +36 and +41. Bands allow a few flipped answers on another BLAS."""
     from egg_eval.demo import HELD_OUT_SEED, evaluate
 
-    t = evaluate(toy, rows(40, seed=HELD_OUT_SEED), methods=["vanilla", "egg_k1", "egg_k2", "oracle"])
-    assert t["vanilla"]["n_single"] == 18 and t["vanilla"]["iou"] == 0.0
+    t = evaluate(toy, rows(120, seed=HELD_OUT_SEED), methods=["vanilla", "egg_k1", "egg_k2", "oracle"])
+    assert t["vanilla"]["n_single"] == 57 and t["vanilla"]["iou"] == 0.0
     assert t["vanilla"]["single_acc"] <= 0.7  # digits barely legible in the whole image
     assert t["oracle"]["single_acc"] >= 0.6  # legible in a crop
     assert 0.35 <= t["oracle"]["iou"] <= 0.55
     assert t["egg_k1"]["single_acc"] >= t["vanilla"]["single_acc"] + 0.15  # EGG finds the square
     assert t["egg_k1"]["hit"] >= 0.9 and 0.25 <= t["egg_k1"]["iou"] <= 0.45
     assert 0.15 <= t["egg_k2"]["iou"] <= 0.45
-    assert 0.50 <= t["grid_bound"]["iou"] <= 0.58  # measured 0.541: the 8x8 grid caps a first-round region
+    assert 0.50 <= t["grid_bound"]["iou"] <= 0.58  # measured 0.545: the 8x8 grid caps a first-round region
 
 
 def test_diagnose_toy_reports_where_the_maps_and_attention_peak(toy):
