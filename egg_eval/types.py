@@ -102,6 +102,7 @@ class Counters:
 
     n_forward: int = 0
     n_backward: int = 0
+    n_tower: int = 0  # vision-tower calls (each embeds one or more images)
     time_ground_s: float = 0.0
     time_answer_s: float = 0.0
     # grounding passes that ran out of accelerator memory and were redone with less:

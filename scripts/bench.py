@@ -6,8 +6,8 @@
     python scripts/bench.py --backbone real --family llava15 --layers 2     # real widths, 2 layers (CPU check)
     python scripts/bench.py --backbone real --family qwen25vl --image-size 1024 --device cuda --dtype bfloat16
 
-Prints, per method, the median seconds per sample, forward and backward passes per
-sample and the peak memory, and, for one view, one grounding pass (forward + backward to
+Prints, per method, the median seconds per sample, forward and backward passes and
+vision-tower calls per sample and the peak memory, and, for one view, one grounding pass (forward + backward to
 the visual tokens) against one plain forward. Each method first runs on one extra sample
 (not counted). Peak memory is on GPU ``torch.cuda.max_memory_allocated`` (reset before
 each method, so all methods share one process and one model load), on CPU the peak
@@ -209,7 +209,7 @@ def child(args):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base_mem = memory()
-        times, fwd, bwd, fallbacks, limited = [float("inf")] * len(samples), [], [], 0, []
+        times, fwd, bwd, tower, fallbacks, limited = [float("inf")] * len(samples), [], [], [], 0, []
         for rep in range(args.repeats):
             for i, r in enumerate(samples):
                 t, (_, trace) = timed(lambda: run(r))  # noqa: B023
@@ -217,6 +217,7 @@ def child(args):
                 if rep == 0:
                     fwd.append(trace.counters.n_forward)
                     bwd.append(trace.counters.n_backward)
+                    tower.append(trace.counters.n_tower)
                     limited.append(trace.counters.memory_limited)
                 fallbacks += trace.counters.memory_fallbacks
         peak = memory()
@@ -224,6 +225,7 @@ def child(args):
             "median_s": statistics.median(times),
             "forward": statistics.mean(fwd),
             "backward": statistics.mean(bwd),
+            "tower": statistics.mean(tower),
             "memory_fallbacks": fallbacks,
             "memory_limited": statistics.mean(limited),
             "peak_mb": peak / 2**20,
@@ -285,10 +287,10 @@ def main() -> None:
         f"repeats={args.repeats} device={args.device} dtype={args.dtype} layers={args.layers or 'all'}\n"
     )
     print(
-        "| method | median s/sample | x vanilla | forward/sample | backward/sample | limited/sample "
+        "| method | median s/sample | x vanilla | forward/sample | backward/sample | tower/sample | limited/sample "
         "| peak MB | x vanilla | above model MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for m, r in results.items():
         if m == "passes":
             continue
@@ -299,6 +301,7 @@ def main() -> None:
             tx,
             f"{r['forward']:.1f}",
             f"{r['backward']:.1f}",
+            f"{r['tower']:.1f}",
             f"{r['memory_limited']:.1f}",
             f"{r['peak_mb']:.0f}",
             mx,

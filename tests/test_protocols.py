@@ -37,10 +37,12 @@ def test_split_options(text, stem, letters, options):
     assert split_options(text) == (stem, letters, options)
 
 
-def test_option_losses_equal_a_hand_computed_teacher_forced_loss(tiny_backbones):
-    bb = tiny_backbones["llava15"]
+def test_option_losses_equal_a_hand_computed_teacher_forced_loss(tiny_backbones, family):
+    bb = tiny_backbones[family]
     img = noise_image(90, 70)
+    bb.counters.__init__()
     losses = bb.option_losses([img], "What is it?", ["red square", "blue"])
+    assert bb.counters.n_tower == 1  # the image is embedded once for all options
     tok = bb.processor.tokenizer
     for opt, got in zip(["red square", "blue"], losses):
         enc = bb.processor(images=[img], text=bb.prompt(1, "What is it?") + " " + opt, return_tensors="pt")

@@ -143,11 +143,14 @@ def test_batched_grounding_equals_one_pass_per_view(tiny_backbones, family, laye
             torch.testing.assert_close(a, b)
 
 
-def test_batched_grounding_of_equal_sized_views_runs_the_vision_tower_once(tiny_backbones, family, monkeypatch):
+@pytest.mark.parametrize("sizes", [[(120, 90), (120, 90)], [(120, 90), (60, 80), (200, 200), (400, 90)]])
+def test_batched_grounding_runs_the_vision_tower_once(tiny_backbones, family, monkeypatch, sizes):
+    """Equal-sized views, and views whose sizes (tiles, patches, grids) differ, are embedded
+    by one vision-tower call, and each still gets its own map."""
     from egg_eval.grounding.saliency import token_saliency_batch
 
     bb = tiny_backbones[family]
-    views = [noise_image(120, 90, seed=1), noise_image(120, 90, seed=2)]
+    views = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
     alone = [token_saliency(bb, im, "What is it?") for im in views]
     calls = []
     real = bb._image_features
@@ -156,6 +159,8 @@ def test_batched_grounding_of_equal_sized_views_runs_the_vision_tower_once(tiny_
     assert len(calls) == 1
     for g, one in zip(batched, alone):
         np.testing.assert_allclose(g.scores, one.scores, rtol=1e-4, atol=1e-5 * one.scores.max())
+        for a, b in zip(g.features, one.features, strict=True):
+            torch.testing.assert_close(a, b)
 
 
 def test_views_of_different_lengths_are_right_padded_with_their_last_token(tiny_backbones):

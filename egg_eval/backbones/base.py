@@ -183,6 +183,8 @@ class Backbone:
     model_class: ClassVar[type]
     processor_class: ClassVar[type]
     vision_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    # what ``_image_features`` reads of an encoding (see :meth:`image_inputs`)
+    feature_keys: ClassVar[tuple[str, ...]] = ("pixel_values",)
     # How many images the model takes natively in one prompt (None = no limit).
     max_images: ClassVar[int | None] = None
     # views of one round may be grounded in one batched pass: prompts of different lengths
@@ -199,9 +201,15 @@ class Backbone:
         self.max_new_tokens = max_new_tokens
         self.name = name or self.family
         self.counters = Counters()
+        tower = getattr(model.model, "vision_tower", None) or getattr(model.model, "visual", None)
+        if tower is not None:
+            tower.register_forward_pre_hook(self._count_tower)
         self.revision: str | None = None
         self.source: str | None = None  # the hub id or directory it was loaded from
         self.weights_digest: str | None = None  # of a local directory's files (see weights_digest)
+
+    def _count_tower(self, _module, _args) -> None:
+        self.counters.n_tower += 1
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -311,6 +319,13 @@ class Backbone:
     def _image_features(self, enc: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Projected visual embeddings per image, via the model's own ``get_image_features``."""
         raise NotImplementedError
+
+    def image_inputs(self, encs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """What ``_image_features`` reads of several encodings, joined so that ONE vision-tower
+        call embeds all their images, in order (one entry per image in its result). The
+        tower embeds each image on its own: separate rows (LLaVA), tiles (InternVL) or
+        attention windows bounded per image (Qwen2.5-VL's ``cu_seqlens``)."""
+        return concat_encodings([{k: e[k] for k in self.feature_keys} for e in encs])
 
     def visual_leaves(self, enc: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Projected visual embeddings as detached leaves that require grad (vision tower without grad)."""
@@ -511,6 +526,8 @@ class Backbone:
         (V*'s official protocol picks the option with the lowest)."""
         t0 = time.perf_counter()
         enc = self._encode_for(images, text, features)
+        if features is None:  # embed the images once, not once per option
+            features = [[f] for f in self._image_features(enc)]
         tok = self.processor.tokenizer
         out = []
         for opt in options:

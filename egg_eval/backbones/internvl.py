@@ -25,6 +25,7 @@ class InternVL(Backbone):
     default_path = "OpenGVLab/InternVL3_5-8B-HF"
     model_class = InternVLForConditionalGeneration
     processor_class = InternVLImageOnlyProcessor
+    feature_keys = ("pixel_values", "_sizes")
 
     def _tiling(self, image_size: tuple[int, int]) -> tuple[int, int, int, bool]:
         """(cols, rows, tile px, thumbnail?) for an image of ``image_size`` (w, h)."""

@@ -29,7 +29,16 @@ class LlavaNext(Backbone):
     default_path = "llava-hf/llava-v1.6-mistral-7b-hf"
     model_class = LlavaNextForConditionalGeneration
     processor_class = LlavaNextProcessor
-    vision_keys = ("pixel_values", "image_sizes")
+    vision_keys = feature_keys = ("pixel_values", "image_sizes")
+
+    def image_inputs(self, encs):
+        """Per image (1, patches, 3, H, W): padded with zero patches to the largest count, as
+        the processor pads a batch; ``get_image_features`` keeps each image's own count,
+        read from ``image_sizes``."""
+        pvs = [e["pixel_values"] for e in encs]
+        n = max(pv.shape[1] for pv in pvs)
+        padded = [torch.nn.functional.pad(pv, (0, 0, 0, 0, 0, 0, 0, n - pv.shape[1])) for pv in pvs]
+        return {"pixel_values": torch.cat(padded), "image_sizes": torch.cat([e["image_sizes"] for e in encs])}
 
     def _image_features(self, enc):
         cfg = self.model.config

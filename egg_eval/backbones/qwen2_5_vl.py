@@ -24,6 +24,7 @@ class Qwen25VL(Backbone):
     default_path = "Qwen/Qwen2.5-VL-7B-Instruct"
     model_class = Qwen2_5_VLForConditionalGeneration
     processor_class = Qwen2_5_VLImageOnlyProcessor
+    feature_keys = ("pixel_values", "image_grid_thw")
 
     def _image_features(self, enc):
         out = self.model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"], return_dict=True)

@@ -181,16 +181,16 @@ def _ground_stacked(backbone: Backbone, encs, images, objective, layer, recomput
         for e in encs
         for k in e
     )
-    if same:  # equal-sized views: one vision-tower call for all of them too
-        enc = concat_encodings(encs)
+    # one vision-tower call for all the views (each view is one image: one entry of leaves)
+    if same:  # equal-sized views: one batch, no padding
+        enc, positions = concat_encodings(encs), None
         leaves = backbone.visual_leaves(enc)
-        per_view = len(leaves) // len(images)
-        split = [leaves[i * per_view : (i + 1) * per_view] for i in range(len(images))]
-        positions = None
     else:
-        split = [backbone.visual_leaves(e) for e in encs]
-        leaves = [leaf for view in split for leaf in view]
         enc, positions = backbone.stack_lm_inputs(encs)
+        leaves = backbone.visual_leaves(backbone.image_inputs(encs))
+    if len(leaves) != len(images):
+        raise RuntimeError(f"{backbone.family}: {len(leaves)} feature tensors for {len(images)} views")
+    split = [[leaf] for leaf in leaves]
     with torch.enable_grad():
         logits = backbone.next_token_logits(
             enc, leaves, layer=layer, recompute_layers=recompute_layers, positions=positions
@@ -198,12 +198,10 @@ def _ground_stacked(backbone: Backbone, encs, images, objective, layer, recomput
         values = [OBJECTIVES[objective](logits[i]) for i in range(len(images))]
         grads = torch.autograd.grad(torch.stack(values).sum(), leaves)
     backbone.counters.n_backward += 1
-    out, start = [], 0
-    for i, im in enumerate(images):
-        n = len(split[i])
-        out.append(_grounding(backbone, encs[i], im, grads[start : start + n], values[i], logits[i], split[i]))
-        start += n
-    return out
+    return [
+        _grounding(backbone, encs[i], im, grads[i : i + 1], values[i], logits[i], split[i])
+        for i, im in enumerate(images)
+    ]
 
 
 def saved_bytes_per_token(backbone: Backbone, image: Image.Image, question: str) -> float:
