@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from itertools import pairwise
 
 import editdistance
 
@@ -242,3 +243,21 @@ def best_grid_iou(xs: Sequence[float], ys: Sequence[float], box: Sequence[float]
         for j, y0 in enumerate(ys)
         for y1 in ys[j + 1 :]
     )
+
+
+def grid_cover_ious(xs: Sequence[float], ys: Sequence[float], box: Sequence[float]) -> dict[str, float]:
+    """IoU with ``box`` of two boxes of whole cells of the grid with lines ``xs`` and ``ys``:
+    ``touched``, around every cell that overlaps ``box``; ``centred``, around the cells whose
+    centre lies inside it (0.0 when there is none)."""
+    xs, ys = sorted(set(xs)), sorted(set(ys))
+
+    def cover(lines, lo, hi):
+        cells = list(pairwise(lines))
+        touched = [c for c in cells if c[1] > lo and c[0] < hi]
+        centred = [c for c in cells if lo <= (c[0] + c[1]) / 2 < hi]
+        return [(s[0][0], s[-1][1]) if s else None for s in (touched, centred)]
+
+    out = {}
+    for name, bx, by in zip(("touched", "centred"), cover(xs, box[0], box[2]), cover(ys, box[1], box[3])):
+        out[name] = box_iou((bx[0], by[0], bx[1], by[1]), box) if bx and by else 0.0
+    return out

@@ -9,6 +9,7 @@ from egg_eval.metrics import (
     best_grid_iou,
     box_iou,
     exact_match,
+    grid_cover_ious,
     multiple_choice,
     normalize_vqa_answer,
     pope,
@@ -143,3 +144,14 @@ def test_best_grid_iou_is_the_best_box_on_the_grid_lines():
     # a 60 px square across 40 px cells: the middle cell alone (1600/3600) beats every larger box
     assert best_grid_iou([0, 40, 80, 120], [0, 40, 80, 120], [30, 30, 90, 90]) == pytest.approx(1600 / 3600)
     assert best_grid_iou([0, 40, 80], [0, 40, 80], [0, 0, 80, 40]) == 1.0
+
+
+def test_grid_cover_ious_of_the_touched_and_the_centred_cells():
+    lines = [0, 40, 80, 120]
+    # touches all 9 cells (box 0..120), centres inside: only the middle cell (40..80)
+    assert grid_cover_ious(lines, lines, [30, 30, 90, 90]) == pytest.approx(
+        {"touched": 3600 / 14400, "centred": 1600 / 3600}
+    )
+    # a box inside one cell, not holding its centre: touched is that cell, centred is empty
+    assert grid_cover_ious(lines, lines, [2, 2, 12, 12]) == pytest.approx({"touched": 100 / 1600, "centred": 0.0})
+    assert grid_cover_ious(lines, lines, [40, 0, 80, 40]) == {"touched": 1.0, "centred": 1.0}
