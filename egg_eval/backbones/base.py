@@ -523,11 +523,18 @@ class Backbone:
         features: Sequence[Sequence[torch.Tensor]] | None = None,
     ) -> list[float]:
         """Mean token negative log-likelihood of each option's text as the assistant's answer
-        (V*'s official protocol picks the option with the lowest)."""
+        (V*'s official protocol picks the option with the lowest).
+
+        The prompt runs once, into a KV cache; each option then runs only its own tokens on
+        that cache, which is cut back to the prompt afterwards. Same losses as a full forward
+        per option (tested), for one prompt's compute instead of one per option."""
         t0 = time.perf_counter()
         enc = self._encode_for(images, text, features)
         if features is None:  # embed the images once, not once per option
             features = [[f] for f in self._image_features(enc)]
+        prompt = self.model(**self.inputs_with_features(enc, features), use_cache=True, logits_to_keep=1)
+        self.counters.n_forward += 1
+        first, cache = prompt.logits[0, -1:].float(), prompt.past_key_values
         tok = self.processor.tokenizer
         out = []
         for opt in options:
@@ -535,11 +542,13 @@ class Backbone:
             if ids.shape[1] == 0:
                 out.append(float("inf"))
                 continue
-            full = self.append_tokens(enc, ids)
-            kw = self.inputs_with_features(full, features)
-            logits = self.model(**kw, use_cache=False).logits[0, -ids.shape[1] - 1 : -1].float()
+            logits = first
+            if ids.shape[1] > 1:  # the option's own tokens predict its next ones
+                rest = self.model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True).logits[0].float()
+                cache.crop(1 - ids.shape[1])  # a negative count removes that many last tokens
+                self.counters.n_forward += 1
+                logits = torch.cat([first, rest])
             out.append(float(torch.nn.functional.cross_entropy(logits, ids[0])))
-            self.counters.n_forward += 1
         self.counters.time_answer_s += time.perf_counter() - t0
         return out
 
