@@ -171,6 +171,17 @@ def test_vanilla_answers_from_the_whole_image(tiny_backbones):
     assert text == bb.answer([img], "q")
 
 
+def test_a_trace_keeps_its_own_counters_after_the_next_sample(tiny_backbones):
+    bb = tiny_backbones["llava15"]
+    img = noise_image(120, 90)
+    _, egg = run_egg(bb, img, "q", EggConfig(max_rounds=2))
+    kept = (egg.counters.n_forward, egg.counters.n_backward, egg.counters.n_tower)
+    assert egg.counters.n_backward > 0
+    _, plain = run_vanilla(bb, img, "q")  # resets the backbone's counters
+    assert (egg.counters.n_forward, egg.counters.n_backward, egg.counters.n_tower) == kept
+    assert plain.counters.n_backward == 0 and plain.counters.n_tower == 1
+
+
 def test_answer_reuses_grounding_features_exactly(tiny_backbones, family):
     """The answer pass takes each view's embeddings from its grounding pass (no second
     vision-tower pass) and gets the same logits as from the pixels."""

@@ -23,7 +23,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -258,7 +258,7 @@ def run_egg(
     trace = refiner.run()
     features = refiner.features(trace.final_views) if config.reuse_features else None
     text = answer(backbone, image, question, trace.final_views, features=features)
-    trace.counters = backbone.counters
+    trace.counters = replace(backbone.counters)  # a copy: the backbone's are reset per sample
     trace.counters.time_ground_s = time.perf_counter() - t0 - trace.counters.time_answer_s
     return text, trace
 
@@ -298,6 +298,6 @@ def run_vanilla(
         image_size=image.size,
         final_views=[Box.of_image(*image.size)],
         stop_reason="vanilla",
-        counters=backbone.counters,
+        counters=replace(backbone.counters),
     )
     return text, trace
