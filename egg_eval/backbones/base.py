@@ -201,7 +201,8 @@ class Backbone:
         self.max_new_tokens = max_new_tokens
         self.name = name or self.family
         self.counters = Counters()
-        tower = getattr(model.model, "vision_tower", None) or getattr(model.model, "visual", None)
+        inner = getattr(model, "model", None)
+        tower = getattr(inner, "vision_tower", None) or getattr(inner, "visual", None)
         if tower is not None:
             tower.register_forward_pre_hook(self._count_tower)
         self.revision: str | None = None
