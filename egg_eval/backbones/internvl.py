@@ -25,7 +25,7 @@ class InternVL(Backbone):
     default_path = "OpenGVLab/InternVL3_5-8B-HF"
     model_class = InternVLForConditionalGeneration
     processor_class = InternVLImageOnlyProcessor
-    feature_keys = ("pixel_values", "_sizes")
+    vision_keys = feature_keys = ("pixel_values", "_sizes")
 
     def _tiling(self, image_size: tuple[int, int]) -> tuple[int, int, int, bool]:
         """(cols, rows, tile px, thumbnail?) for an image of ``image_size`` (w, h)."""
@@ -45,9 +45,6 @@ class InternVL(Backbone):
     def _image_stub(self, sizes):
         """``InternVLProcessor`` counts tiles (plus the thumbnail) per image."""
         return {"num_patches": [cols * rows + int(thumb) for cols, rows, _, thumb in map(self._tiling, sizes)]}
-
-    def lm_inputs(self, enc):
-        return {k: v for k, v in enc.items() if k not in ("pixel_values", "_sizes")}
 
     def model_inputs(self, enc):
         return {k: v for k, v in enc.items() if k != "_sizes"}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from egg_eval.backbones.base import Backbone, TokenLayout, concat_encodings
+from egg_eval.backbones.base import Backbone, TokenLayout
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -175,22 +175,14 @@ def token_saliency_batch(
 
 
 def _ground_stacked(backbone: Backbone, encs, images, objective, layer, recompute_layers) -> list[Grounding]:
-    """The forward and backward of several encoded views as one batch."""
-    same = all(e.keys() == encs[0].keys() for e in encs) and all(
-        isinstance(e[k], list) or (isinstance(e[k], torch.Tensor) and e[k].shape == encs[0][k].shape)
-        for e in encs
-        for k in e
-    )
-    # one vision-tower call for all the views (each view is one image: one entry of leaves)
-    if same:  # equal-sized views: one batch, no padding
-        enc, positions = concat_encodings(encs), None
-        leaves = backbone.visual_leaves(enc)
-    else:
-        enc, positions = backbone.stack_lm_inputs(encs)
-        leaves = backbone.visual_leaves(backbone.image_inputs(encs))
+    """The forward and backward of several encoded views as one batch: their prompts stacked
+    (right-padded where their lengths differ), their images embedded by one vision-tower call."""
+    enc, positions = backbone.stack_lm_inputs(encs)
+    if bool((positions == enc["input_ids"].shape[1] - 1).all()):
+        positions = None  # equal lengths: read the last position as a one-view pass does, to the bit
+    leaves = backbone.visual_leaves(backbone.image_inputs(encs))
     if len(leaves) != len(images):
         raise RuntimeError(f"{backbone.family}: {len(leaves)} feature tensors for {len(images)} views")
-    split = [[leaf] for leaf in leaves]
     with torch.enable_grad():
         logits = backbone.next_token_logits(
             enc, leaves, layer=layer, recompute_layers=recompute_layers, positions=positions
@@ -199,7 +191,7 @@ def _ground_stacked(backbone: Backbone, encs, images, objective, layer, recomput
         grads = torch.autograd.grad(torch.stack(values).sum(), leaves)
     backbone.counters.n_backward += 1
     return [
-        _grounding(backbone, encs[i], im, grads[i : i + 1], values[i], logits[i], split[i])
+        _grounding(backbone, encs[i], im, grads[i : i + 1], values[i], logits[i], leaves[i : i + 1])
         for i, im in enumerate(images)
     ]
 
