@@ -44,6 +44,7 @@ NOT_IN_RESULT = (
     "backbone.path",
     "method.batch_views",
     "method.reuse_features",
+    "method.reuse_prefix",
     "method.checkpoint_layers",
     "method.activation_memory_gb",
 )
@@ -171,6 +172,7 @@ def build(cfg: DictConfig):
             max_rounds=m.max_rounds,
             batch_views=m.get("batch_views", True),
             reuse_features=m.get("reuse_features", True),
+            reuse_prefix=m.get("reuse_prefix", True),
             checkpoint_layers=m.get("checkpoint_layers", False),
             activation_memory_gb=m.get("activation_memory_gb", "auto"),
         )

@@ -103,6 +103,7 @@ class Counters:
     n_forward: int = 0
     n_backward: int = 0
     n_tower: int = 0  # vision-tower calls (each embeds one or more images)
+    prefix_tokens: int = 0  # answer-prompt tokens taken from a grounding pass's cache, not run again
     time_ground_s: float = 0.0
     time_answer_s: float = 0.0
     # grounding passes that ran out of accelerator memory and were redone with less:

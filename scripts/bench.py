@@ -35,7 +35,8 @@ METHODS = {  # each speed-up switched on in turn; "egg" is the default configura
     "vanilla": {},
     "egg_one_view_per_pass": {"batch_views": False, "reuse_features": False, "activation_memory_gb": None},
     "egg_batched_views": {"batch_views": True, "reuse_features": False, "activation_memory_gb": None},
-    "egg_reused_features": {"batch_views": True, "reuse_features": True, "activation_memory_gb": None},
+    "egg_reused_features": {"reuse_features": True, "reuse_prefix": False, "activation_memory_gb": None},
+    "egg_reused_prefix": {"reuse_features": True, "reuse_prefix": True, "activation_memory_gb": None},
     "egg": {},  # + passes planned to the activation budget (method.activation_memory_gb=auto)
     "egg_recompute_layers": {"checkpoint_layers": True},
 }
@@ -211,7 +212,7 @@ def child(args):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base_mem = memory()
-        times, fwd, bwd, tower, fallbacks, limited = [float("inf")] * len(samples), [], [], [], 0, []
+        times, fwd, bwd, tower, fallbacks, limited, prefix = [float("inf")] * len(samples), [], [], [], 0, [], []
         answer_s = [0.0] * len(samples)  # of each sample's fastest run: the answer pass (the rest is grounding)
         for rep in range(args.repeats):
             for i, r in enumerate(samples):
@@ -223,6 +224,7 @@ def child(args):
                     bwd.append(trace.counters.n_backward)
                     tower.append(trace.counters.n_tower)
                     limited.append(trace.counters.memory_limited)
+                    prefix.append(trace.counters.prefix_tokens)
                 fallbacks += trace.counters.memory_fallbacks
         peak = memory()
         return {
@@ -234,6 +236,7 @@ def child(args):
             "tower": statistics.mean(tower),
             "memory_fallbacks": fallbacks,
             "memory_limited": statistics.mean(limited),
+            "prefix_tokens": statistics.mean(prefix),
             "peak_mb": peak / 2**20,
             "extra_mb": (peak - base_mem) / 2**20,
             "device": str(backbone.device),
@@ -294,10 +297,10 @@ def main() -> None:
     )
     print(
         "| method | median s/sample | x vanilla | answer s | rest s | forward/sample | backward/sample | tower/sample "
-        "| limited/sample "
+        "| limited/sample | prefix tokens/sample "
         "| peak MB | x vanilla | above model MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m, r in results.items():
         if m == "passes":
             continue
@@ -312,6 +315,7 @@ def main() -> None:
             f"{r['backward']:.1f}",
             f"{r['tower']:.1f}",
             f"{r['memory_limited']:.1f}",
+            f"{r.get('prefix_tokens', 0):.0f}",
             f"{r['peak_mb']:.0f}",
             mx,
             f"{r['extra_mb']:.0f}",

@@ -9,6 +9,9 @@ For each family it builds the published 7B/8B architecture with random weights (
 * grounds three views of different sizes in one batched pass and one pass per view, and
   prints the largest relative difference of the maps (the batched path pads rows and reads
   each row at its own last position; it must give each view its own map);
+* prefills an answer prompt (the whole image, a crop, the question) on the KV cache that the
+  whole image's grounding pass kept, and prints how far its last logits are from the full
+  prompt's (``method.reuse_prefix``);
 * runs the plain model and full iterative EGG on one sample.
 
 A family that fails prints its traceback and the script goes on with the next one; the
@@ -52,6 +55,20 @@ def check(family: str, layers: int, device: str, dtype: str) -> float:
         assert np.isfinite(g.scores).all()
         worst = max(worst, float(np.abs(g.scores - one.scores).max() / max(one.scores.max(), 1e-30)))
     print(f"  views {[g.scores.shape[0] for g in batched]} tokens: batched vs one pass, max |diff| / max = {worst:.2e}")
+    g = token_saliency(bb, img, q, keep_prefix=True)
+    feats = [g.features, batched[1].features]
+    enc = bb.encode_text(views[:2], q)
+    p = bb.prefix_length(enc, feats, g.prefix)
+    assert p > 0, "the answer prompt does not start with the grounding prompt through the whole image"
+    with torch.no_grad():
+        full = bb.model(**bb.inputs_with_features(enc, feats), use_cache=False, logits_to_keep=1).logits[0, -1]
+        kw = bb._forward_on_prefix(enc, feats, g.prefix, p)
+        cont = bb.model(**kw, use_cache=True, logits_to_keep=1).logits[0, -1]
+    gap = float((full.float() - cont.float()).abs().max() / full.float().abs().max())
+    print(
+        f"  answer on the grounding cache: {p} of {enc['input_ids'].shape[1]} tokens cached, "
+        f"last logits |diff| / max = {gap:.2e}"
+    )
     ans, _ = run_vanilla(bb, img, q)
     out, trace = run_egg(bb, img, q, EggConfig())
     c = trace.counters

@@ -64,7 +64,7 @@ def test_answer_by_likelihood_picks_the_lowest_loss_letter(tiny_backbones, monke
     bb = tiny_backbones["llava15"]
     img = noise_image(64, 64)
     monkeypatch.setattr(
-        bb, "option_losses", lambda images, stem, options, features=None: [2.0, 0.5, 1.0][: len(options)]
+        bb, "option_losses", lambda images, stem, options, features=None, prefix=None: [2.0, 0.5, 1.0][: len(options)]
     )
     q = "Which?\n(A) one\n(B) two\n(C) three\nAnswer with the option's letter from the given choices directly."
     assert answer_by_likelihood(bb, img, q, [Box.of_image(64, 64)]) == "B"

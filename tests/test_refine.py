@@ -240,13 +240,75 @@ def test_answer_on_reused_features_skips_the_pixel_processing(tiny_backbones, fa
         bb.processor.image_processor = real
 
 
+def test_answer_continues_the_whole_images_grounding_cache(tiny_backbones, family):
+    """The whole image's grounding pass keeps its KV cache (same map as without); an answer
+    prompt [whole, crop, question] then runs only its tokens after the whole image on that
+    cache, with the logits, option losses and answers of the full prompt. A cache used
+    once is cut back and stays usable."""
+    bb = tiny_backbones[family]
+    img = noise_image(200, 150, seed=3)
+    crops = [img, img.crop((20, 10, 120, 90))]
+    g = token_saliency(bb, img, "q", keep_prefix=True)
+    assert np.array_equal(g.scores, token_saliency(bb, img, "q").scores)
+    feats = [g.features, token_saliency(bb, crops[1], "q").features]
+    enc = bb.encode_text(crops, "q")
+    p = bb.prefix_length(enc, feats, g.prefix)
+    n_whole, n_crop = (sum(t.numel() // t.shape[-1] for t in f) for f in feats)
+    assert n_whole < p < enc["input_ids"].shape[1] - n_crop  # through the whole image, not the crop
+    with torch.no_grad():
+        ref = bb.model(**bb.inputs_with_features(enc, feats), use_cache=False).logits[0, p:]
+        got = bb.model(**bb._forward_on_prefix(enc, feats, g.prefix, p), use_cache=True).logits[0]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    bb.counters.__init__()
+    options = ["red square", "blue", "square red blue"]
+    want = bb.option_losses(crops, "What is it?", options, features=feats)
+    assert bb.counters.prefix_tokens == 0
+    token_saliency(bb, crops[1], "another question")  # leaves no state (Qwen's rope offset) the next pass reads
+    got = bb.option_losses(crops, "What is it?", options, features=feats, prefix=g.prefix)
+    assert got == pytest.approx(want, rel=1e-5)
+    assert bb.counters.prefix_tokens == p
+    text = bb.answer(crops, "q", features=feats)
+    assert bb.answer(crops, "q", features=feats, prefix=g.prefix) == text
+    assert bb.answer(crops, "q", features=feats, prefix=g.prefix) == text  # after a use
+    assert bb.counters.prefix_tokens == 3 * p and g.prefix.length == p
+
+
+def test_answer_prefix_is_kept_only_where_it_is_the_prompts(tiny_backbones):
+    """No cache from a logit-lens pass (it stops early) or one whose layers are recomputed,
+    and none is used for a prompt without crops or whose first image is another."""
+    bb = tiny_backbones["llava15"]
+    img, other = noise_image(200, 150, seed=3), noise_image(200, 150, seed=4)
+    assert token_saliency(bb, img, "q", keep_prefix=True, layer=1).prefix is None
+    assert token_saliency(bb, img, "q", keep_prefix=True, recompute_layers=True).prefix is None
+    g = token_saliency(bb, img, "q", keep_prefix=True)
+    assert token_saliency(bb, img, "q").prefix is None
+    feats = [g.features, g.features]
+    assert bb.prefix_length(bb.encode_text([img], "q"), feats[:1], g.prefix) == 0
+    assert bb.prefix_length(bb.encode_text([img, other], "another question"), feats, g.prefix) > 0
+    # the ids match through the image but the question differs at once after it
+    p = bb.prefix_length(bb.encode_text([img, other], "q"), feats, g.prefix)
+    assert p == bb.prefix_length(bb.encode_text([img, other], "another question"), feats, g.prefix)
+
+
+@pytest.mark.parametrize("reuse_features", [True, False])
+def test_run_egg_answer_on_the_prefix_changes_nothing_but_time(tiny_backbones, family, reuse_features):
+    bb = tiny_backbones[family]
+    img = noise_image(300, 170, seed=11)
+    text, trace = run_egg(bb, img, "q", EggConfig(max_rounds=4, reuse_features=reuse_features, reuse_prefix=False))
+    text2, trace2 = run_egg(bb, img, "q", EggConfig(max_rounds=4, reuse_features=reuse_features))
+    assert (text2, trace2.final_views) == (text, trace.final_views)
+    assert len(trace.final_views) > 1 and trace.counters.prefix_tokens == 0
+    assert (trace2.counters.prefix_tokens > 0) == reuse_features
+    assert trace2.counters.n_forward == trace.counters.n_forward
+
+
 def test_run_egg_answers_from_cached_features(tiny_backbones, monkeypatch):
     bb = tiny_backbones["llava15"]
     img = noise_image(300, 170, seed=11)
     seen = {}
     real = answer_with_views
 
-    def spy(backbone, image, question, views, features=None):
+    def spy(backbone, image, question, views, features=None, prefix=None):
         seen["features"] = features
         return real(backbone, image, question, views, features=features)
 

@@ -25,6 +25,26 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from egg_eval.types import Counters
 
+
+@dataclass
+class Prefix:
+    """The KV cache of a one-image prompt from its grounding forward, for a later prompt that
+    starts with the same tokens through that image (the answer pass: the whole image first,
+    then the crops), which then runs only its remaining tokens.
+
+    ``input_ids`` (L,) the prompt the cache holds; ``length`` how many leading entries of the
+    cache are still that prompt's (a use cuts the cache back to what it shares and appends)."""
+
+    input_ids: torch.Tensor
+    cache: Any
+    length: int
+
+    def detach(self) -> Prefix:
+        for layer in self.cache.layers:  # keys / values built in a grad pass: keep the values only
+            layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+        return self
+
+
 # Token groups returned by ``token_boxes``.
 PRIMARY = 0  # the fine grid the regions step works on
 GLOBAL = 1  # a coarse view of the same pixels (LLaVA-NeXT base view, InternVL thumbnail)
@@ -409,6 +429,7 @@ class Backbone:
         layer: int | None = None,
         recompute_layers: bool = False,
         positions: torch.Tensor | None = None,
+        cache: Any = None,
     ) -> torch.Tensor:
         """Next-token logits (V,) at the last position, differentiable in ``leaves``; (B, V)
         for a batch of B equal-length prompts, or at each row's ``positions`` (B,) for a
@@ -418,9 +439,15 @@ class Backbone:
         final norm and the LM head (the reference code skips the norm; applying it is the
         usual logit lens and keeps the scale of the last layer). ``None`` = last layer.
         ``recompute_layers``: see :func:`recompute_in_backward` (method.checkpoint_layers).
+        ``cache`` (a full pass of one prompt, layers not recomputed): a fresh ``DynamicCache``
+        that the pass fills with its keys and values (:class:`Prefix`).
         """
         self.counters.n_forward += 1
-        kw = dict(self.lm_inputs(enc), use_cache=False)
+        kw = dict(self.lm_inputs(enc), use_cache=cache is not None)
+        if cache is not None:
+            if recompute_layers or layer not in (None, -1, self.num_layers) or enc["input_ids"].shape[0] != 1:
+                raise ValueError("a cache is kept only by a one-prompt pass through all layers, none recomputed")
+            kw["past_key_values"] = cache
         kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self._pack_leaves(leaves))}
         n = self.num_layers
         recompute = recompute_in_backward(self.decoder_layers, recompute_layers and torch.is_grad_enabled())
@@ -489,6 +516,47 @@ class Backbone:
         kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self._pack_leaves(flat))}
         return kw
 
+    # ------------------------------------------------------ reused prompt prefix
+    def new_cache(self) -> Any:
+        """An empty KV cache for one prompt of this model's language model."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config.get_text_config())
+
+    def prefix_length(self, enc: dict[str, torch.Tensor], features, prefix: Prefix | None) -> int:
+        """How many leading tokens of ``enc`` (one prompt whose first image is the one
+        ``prefix`` was computed on, ``features`` its images' embeddings) the prefix's cache
+        holds: their common start with the cached prompt, used only if it takes in every token
+        of the first image and leaves at least one token to run; else 0. The later images'
+        tokens never fall in it (the cached prompt had one image)."""
+        if prefix is None or features is None or len(features) < 2:
+            return 0
+        ids = enc["input_ids"][0]
+        ref = prefix.input_ids.to(ids.device)
+        n = min(ids.shape[0] - 1, prefix.length, ref.shape[0])
+        differ = (ids[:n] != ref[:n]).nonzero()
+        p = int(differ[0, 0]) if differ.shape[0] else n
+        first = sum(t.numel() // t.shape[-1] for t in features[0])
+        image_tokens = int((ids[:p] == self.model.config.image_token_id).sum())
+        return p if image_tokens == first == int((ref == self.model.config.image_token_id).sum()) else 0
+
+    def _on_prefix(self, enc, features, prefix: Prefix, p: int) -> dict[str, Any]:
+        """``generate``'s inputs for ``enc`` continuing from the first ``p`` tokens in ``prefix``'s
+        cache: the whole prompt's ids and mask (``generate`` runs the uncached ones), the later
+        images' embeddings, the cache cut back to ``p``."""
+        prefix.cache.crop(p - prefix.cache.get_seq_length())
+        prefix.length = p
+        self.counters.prefix_tokens += p
+        return dict(self.inputs_with_features(enc, features[1:]), past_key_values=prefix.cache)
+
+    def _forward_on_prefix(self, enc, features, prefix: Prefix, p: int) -> dict[str, Any]:
+        """A plain forward's inputs for the same continuation: only the uncached tokens."""
+        kw = self._on_prefix(enc, features, prefix, p)
+        for k in ("input_ids", "mm_token_type_ids"):
+            if k in kw:
+                kw[k] = kw[k][:, p:]
+        return kw
+
     @torch.no_grad()
     def answer(
         self,
@@ -496,13 +564,17 @@ class Backbone:
         text: str,
         max_new_tokens: int | None = None,
         features: Sequence[Sequence[torch.Tensor]] | None = None,
+        prefix: Prefix | None = None,
     ) -> str:
         """Greedy answer from ``images`` (whole image first, then crops) as real images in one
-        prompt; ``features`` (one entry per image) reuses their already computed embeddings."""
+        prompt; ``features`` (one entry per image) reuses their already computed embeddings;
+        ``prefix`` (the first image's grounding pass, with ``features``) spares the answer's
+        prefill the tokens through that image."""
         t0 = time.perf_counter()
         enc = self._encode_for(images, text, features)
+        p = self.prefix_length(enc, features, prefix)
         out = self.model.generate(
-            **self.inputs_with_features(enc, features),
+            **(self._on_prefix(enc, features, prefix, p) if p else self.inputs_with_features(enc, features)),
             do_sample=False,
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             num_beams=1,
@@ -522,18 +594,22 @@ class Backbone:
         text: str,
         options: Sequence[str],
         features: Sequence[Sequence[torch.Tensor]] | None = None,
+        prefix: Prefix | None = None,
     ) -> list[float]:
         """Mean token negative log-likelihood of each option's text as the assistant's answer
         (V*'s official protocol picks the option with the lowest).
 
-        The prompt runs once, into a KV cache; each option then runs only its own tokens on
-        that cache, which is cut back to the prompt afterwards. Same losses as a full forward
-        per option (tested), for one prompt's compute instead of one per option."""
+        The prompt runs once, into a KV cache (continuing ``prefix``'s where it can, see
+        :meth:`answer`); each option then runs only its own tokens on that cache, which is cut
+        back to the prompt afterwards. Same losses as a full forward per option (tested), for
+        one prompt's compute instead of one per option."""
         t0 = time.perf_counter()
         enc = self._encode_for(images, text, features)
         if features is None:  # embed the images once, not once per option
             features = [[f] for f in self._image_features(enc)]
-        prompt = self.model(**self.inputs_with_features(enc, features), use_cache=True, logits_to_keep=1)
+        p = self.prefix_length(enc, features, prefix)
+        kw = self._forward_on_prefix(enc, features, prefix, p) if p else self.inputs_with_features(enc, features)
+        prompt = self.model(**kw, use_cache=True, logits_to_keep=1)
         self.counters.n_forward += 1
         first, cache = prompt.logits[0, -1:].float(), prompt.past_key_values
         tok = self.processor.tokenizer

@@ -43,6 +43,21 @@ class Qwen25VL(Backbone):
             grids.append([1, rh // p, rw // p])
         return {"image_grid_thw": torch.tensor(grids)}
 
+    def _forward_on_prefix(self, enc, features, prefix, p):
+        """Also the uncached tokens' M-RoPE positions, which depend on the images before them
+        (``generate`` computes them itself), and the offset that later forwards on the cache
+        (the option tokens of :meth:`option_losses`) continue from."""
+        kw = super()._forward_on_prefix(enc, features, prefix, p)
+        positions, deltas = self.model.model.get_rope_index(
+            enc["input_ids"],
+            enc["mm_token_type_ids"],
+            image_grid_thw=enc["image_grid_thw"],
+            attention_mask=enc.get("attention_mask"),
+        )
+        self.model.model.rope_deltas = deltas
+        kw["position_ids"] = positions[..., p:]
+        return kw
+
     def token_boxes(self, enc, image_index, image_size):
         w, h = image_size
         _, gh, gw = (int(x) for x in enc["image_grid_thw"][image_index])

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
-from egg_eval.backbones.base import Backbone
+from egg_eval.backbones.base import Backbone, Prefix
 from egg_eval.grounding.regions import RegionParams, components, spatial_entropy
 from egg_eval.grounding.saliency import Grounding, token_saliency, token_saliency_batch
 from egg_eval.types import Box, Region, Round, Trace
@@ -49,6 +49,9 @@ class EggConfig:
     max_rounds: int = 15
     batch_views: bool = True  # ground the new views of a round in one pass where the backbone allows
     reuse_features: bool = True  # the answer takes each view's embeddings from its grounding pass
+    # the answer continues the whole image's grounding pass's KV cache through that image
+    # (with reuse_features): its prefill runs only the crops and the question
+    reuse_prefix: bool = True
     checkpoint_layers: bool = False  # recompute decoder layers in the backward: less memory, more time
     # activations a grounding pass may hold, GiB: over it, a round's views are grounded one by
     # one and a view's layers recomputed. "auto" = AUTO_ACTIVATION_FRACTION of the weights'
@@ -141,8 +144,12 @@ class Refiner:
         if key not in self.cache:
             image = self.crop(box)
 
+            kw = {}
+            if box == self.whole and self.saliency_fn is token_saliency:
+                kw["keep_prefix"] = self.config.reuse_prefix and self.config.reuse_features
+
             def ground(recompute: bool) -> Grounding:
-                return self.saliency_fn(self.backbone, image, self.question, **self._saliency_kw(recompute))
+                return self.saliency_fn(self.backbone, image, self.question, **self._saliency_kw(recompute), **kw)
 
             g = None if self.config.checkpoint_layers else self._unless_out_of_memory(lambda: ground(False))
             self._store(box, g if g is not None else ground(True))
@@ -171,6 +178,11 @@ class Refiner:
         if any(f is None or f.grounding.features is None for f in feats):
             return None
         return [f.grounding.features for f in feats]
+
+    def prefix(self, views: list[Box]) -> Prefix | None:
+        """The whole image's grounding-pass cache, for an answer whose first view it is."""
+        result = self.cache.get(tuple(self.whole.as_list()))
+        return result.grounding.prefix if result is not None and views and views[0] == self.whole else None
 
     def _store(self, box: Box, g: Grounding) -> _ViewResult:
         c = self.config
@@ -235,11 +247,14 @@ def _view_images(backbone: Backbone, image: Image.Image, views: list[Box], featu
     return crops, features
 
 
-def answer_with_views(backbone: Backbone, image: Image.Image, question: str, views: list[Box], features=None) -> str:
+def answer_with_views(
+    backbone: Backbone, image: Image.Image, question: str, views: list[Box], features=None, prefix=None
+) -> str:
     """The answer from the whole image + crops, each a real image through the processor;
-    ``features`` (per view, from grounding) spares the vision tower a second pass."""
+    ``features`` (per view, from grounding) spares the vision tower a second pass, ``prefix``
+    (the whole image's grounding cache) the prefill of the prompt through the whole image."""
     crops, features = _view_images(backbone, image, views, features)
-    return backbone.answer(crops, question, features=features)
+    return backbone.answer(crops, question, features=features, prefix=prefix)
 
 
 def run_egg(
@@ -257,7 +272,8 @@ def run_egg(
     refiner = Refiner(backbone, image, question, config)
     trace = refiner.run()
     features = refiner.features(trace.final_views) if config.reuse_features else None
-    text = answer(backbone, image, question, trace.final_views, features=features)
+    prefix = refiner.prefix(trace.final_views) if features is not None else None
+    text = answer(backbone, image, question, trace.final_views, features=features, prefix=prefix)
     trace.counters = replace(backbone.counters)  # a copy: the backbone's are reset per sample
     trace.counters.time_ground_s = time.perf_counter() - t0 - trace.counters.time_answer_s
     return text, trace
@@ -277,14 +293,16 @@ def split_options(text: str) -> tuple[str, list[str], list[str]]:
     return "\n".join(stem).strip(), letters, options
 
 
-def answer_by_likelihood(backbone: Backbone, image: Image.Image, question: str, views: list[Box], features=None) -> str:
+def answer_by_likelihood(
+    backbone: Backbone, image: Image.Image, question: str, views: list[Box], features=None, prefix=None
+) -> str:
     """V*'s official protocol on the given views: the letter of the option whose text has the
     lowest loss as the answer to the question stem."""
     stem, letters, options = split_options(question)
     if not options:
         raise ValueError("likelihood protocol: no '(A) ...' option lines in the question")
     crops, features = _view_images(backbone, image, views, features)
-    losses = backbone.option_losses(crops, stem, options, features=features)
+    losses = backbone.option_losses(crops, stem, options, features=features, prefix=prefix)
     return letters[min(range(len(losses)), key=losses.__getitem__)]
 
 

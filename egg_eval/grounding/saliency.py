@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from egg_eval.backbones.base import Backbone, TokenLayout
+from egg_eval.backbones.base import Backbone, Prefix, TokenLayout
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,9 @@ class Grounding:
     ``map`` (R, C) is the map on the layout's grid (global-view tokens folded in);
     ``first_token_max_prob`` is the model's confidence at the objective's step;
     ``features`` the view's projected visual embeddings (detached, the backbone's leaf
-    format), kept so that the answer pass does not run the vision tower on it again.
+    format), kept so that the answer pass does not run the vision tower on it again;
+    ``prefix`` the pass's KV cache where it was asked to keep it (``keep_prefix``), so that the
+    answer pass, whose prompt starts with this view, does not run those tokens again.
     """
 
     scores: np.ndarray
@@ -68,6 +70,7 @@ class Grounding:
     objective_value: float
     first_token_max_prob: float
     features: list[torch.Tensor] | None = field(default=None, repr=False)
+    prefix: Prefix | None = field(default=None, repr=False)
 
 
 def token_saliency(
@@ -80,6 +83,7 @@ def token_saliency(
     layer: int | None = None,
     recompute_layers: bool = False,
     memory_budget: float | None = None,
+    keep_prefix: bool = False,
 ) -> Grounding:
     """Ground one view: the gradient norm of ``objective`` at decoding step ``token_index``
     (1 = first answer token; t > 1 greedy-unrolls t - 1 tokens first) through the first
@@ -87,6 +91,8 @@ def token_saliency(
     ``recompute_layers`` trades memory for time (same scores; method.checkpoint_layers);
     it is switched on when the pass's estimated activations
     (:meth:`Backbone.activation_bytes_per_token`) exceed ``memory_budget`` bytes.
+    ``keep_prefix``: keep the pass's KV cache in ``Grounding.prefix`` (not where layers are
+    recomputed or the logit lens stops early: the cache would not be the prompt's).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
@@ -96,7 +102,7 @@ def token_saliency(
     enc = backbone.encode([image], question)
     if token_index > 1:
         enc = backbone.append_tokens(enc, backbone.greedy_tokens(enc, token_index - 1))
-    out = _ground_encoded(backbone, enc, image, objective, layer, recompute_layers, memory_budget)
+    out = _ground_encoded(backbone, enc, image, objective, layer, recompute_layers, memory_budget, keep_prefix)
     backbone.counters.time_ground_s += time.perf_counter() - t0
     return out
 
@@ -107,18 +113,26 @@ def _over_budget(backbone: Backbone, n_tokens: int, layer: int | None, memory_bu
     return memory_budget is not None and n_tokens * backbone.activation_bytes_per_token(layer) > memory_budget
 
 
-def _ground_encoded(backbone: Backbone, enc, image, objective, layer, recompute_layers, memory_budget) -> Grounding:
+def _ground_encoded(
+    backbone: Backbone, enc, image, objective, layer, recompute_layers, memory_budget, keep_prefix=False
+) -> Grounding:
     """The forward and backward of one encoded view."""
     if not recompute_layers and _over_budget(backbone, enc["input_ids"].shape[-1], layer, memory_budget):
         recompute_layers = True
         backbone.counters.memory_limited += 1
     leaves = backbone.visual_leaves(enc)
+    full = layer in (None, -1, backbone.num_layers)
+    cache = backbone.new_cache() if keep_prefix and full and not recompute_layers else None
     with torch.enable_grad():
-        logits = backbone.next_token_logits(enc, leaves, layer=layer, recompute_layers=recompute_layers)
+        logits = backbone.next_token_logits(enc, leaves, layer=layer, recompute_layers=recompute_layers, cache=cache)
         value = OBJECTIVES[objective](logits)
         grads = torch.autograd.grad(value, leaves)
     backbone.counters.n_backward += 1
-    return _grounding(backbone, enc, image, grads, value, logits, leaves)
+    out = _grounding(backbone, enc, image, grads, value, logits, leaves)
+    if cache is not None:
+        ids = enc["input_ids"][0]
+        out.prefix = Prefix(ids, cache, int(ids.shape[0])).detach()
+    return out
 
 
 def _grounding(backbone: Backbone, enc, image: Image.Image, grads, value, logits, leaves) -> Grounding:
