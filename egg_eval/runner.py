@@ -154,6 +154,8 @@ def make_record(
         "stop_reason": t.get("stop_reason"),
         "n_forward": t.get("n_forward", 0),
         "n_backward": t.get("n_backward", 0),
+        "n_tower": t.get("n_tower", 0),
+        "prefix_tokens": t.get("prefix_tokens", 0),
         "memory_fallbacks": t.get("memory_fallbacks", 0),
         "memory_limited": t.get("memory_limited", 0),
         "time_ground_s": t.get("time_ground_s", 0.0),

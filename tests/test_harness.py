@@ -28,6 +28,8 @@ RECORD_FIELDS = {
     "stop_reason",
     "n_forward",
     "n_backward",
+    "n_tower",
+    "prefix_tokens",
     "memory_fallbacks",
     "memory_limited",
     "time_ground_s",
