@@ -10,12 +10,19 @@ Prints, per method, the median seconds per sample, split into the answer pass an
 (grounding, regions, crops; each a median over samples, so the two need not add up),
 forward and backward passes and vision-tower calls per sample and the peak memory, and,
 for one view, one grounding pass (forward + backward to the visual tokens) against one
-plain forward. Each method first runs on one extra sample
-(not counted). Peak memory is on GPU ``torch.cuda.max_memory_allocated`` (reset before
-each method, so all methods share one process and one model load), on CPU the peak
-resident set size (``ru_maxrss``, which cannot be reset, so each method gets its own
-process); both whole (weights included: what decides whether a job fits) and above the
-loaded model (what the method itself adds). ``--processes`` overrides the choice.
+plain forward. Each method first runs on one extra sample (not counted).
+
+With ``--paired`` (the default) the plain model is also timed right before each EGG run, on
+the same sample in the same process, and "x vanilla" is taken from those timings: a shared
+machine's speed drifts between methods (on this project's 2-core box the plain model's
+median moved by up to 2x between runs), and pairing cancels that drift.
+
+Peak memory is on GPU ``torch.cuda.max_memory_allocated`` (reset before each method, so all
+methods share one process and one model load), on CPU the peak resident set size
+(``ru_maxrss``, which cannot be reset, so each method gets its own process); both whole
+(weights included: what decides whether a job fits) and above the loaded model (what the
+method itself adds). ``--processes`` overrides the choice. With ``--paired`` a method's peak
+is the larger of its own and the plain model's (the plain model's is the smaller).
 
 ``--backbone real`` builds the published 7B configuration of the family with RANDOM
 weights (no download): only timings and memory mean anything there, not answers.
@@ -205,6 +212,8 @@ def child(args):
                 else run_egg(backbone, r["image"], text(r), cfg)
             )
 
+        paired = cfg is not None and args.paired
+
         base_mem = memory()  # CPU: the peak RSS so far, i.e. the loaded model (a process per method)
         run(warm)
         if cuda:  # the peak from here on is this method's; what is allocated now is the model
@@ -214,8 +223,11 @@ def child(args):
             base_mem = memory()
         times, fwd, bwd, tower, fallbacks, limited, prefix = [float("inf")] * len(samples), [], [], [], 0, [], []
         answer_s = [0.0] * len(samples)  # of each sample's fastest run: the answer pass (the rest is grounding)
+        plain = [float("inf")] * len(samples)  # --paired: the plain model, timed right before each run
         for rep in range(args.repeats):
             for i, r in enumerate(samples):
+                if paired:
+                    plain[i] = min(plain[i], timed(lambda: run_vanilla(backbone, r["image"], text(r)))[0])  # noqa: B023
                 t, (_, trace) = timed(lambda: run(r))  # noqa: B023
                 if t < times[i]:
                     times[i], answer_s[i] = t, trace.counters.time_answer_s
@@ -229,6 +241,7 @@ def child(args):
         peak = memory()
         return {
             "median_s": statistics.median(times),
+            **({"paired_vanilla_s": statistics.median(plain)} if paired else {}),
             "median_answer_s": statistics.median(answer_s),
             "median_rest_s": statistics.median(t - a for t, a in zip(times, answer_s)),
             "forward": statistics.mean(fwd),
@@ -260,6 +273,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="time each sample this many times, keep the fastest")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument(
+        "--paired",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the plain model right before each EGG run, on the same sample in the same process, and "
+        "take each method's 'x vanilla' from those (immune to the machine's drift between methods)",
+    )
     ap.add_argument(
         "--activation-memory-gb", default=None, help="egg: this activation budget (GiB, or none) instead of auto"
     )
@@ -304,7 +324,8 @@ def main() -> None:
     for m, r in results.items():
         if m == "passes":
             continue
-        tx = f"{r['median_s'] / van['median_s']:.2f}" if van else "-"
+        base = r.get("paired_vanilla_s") or (van["median_s"] if van else None)
+        tx = f"{r['median_s'] / base:.2f}" if base else "-"
         mx = f"{r['peak_mb'] / van['peak_mb']:.2f}" if van and van["peak_mb"] > 0 else "-"
         cells = [
             f"{r['median_s']:.4f}",
@@ -321,6 +342,13 @@ def main() -> None:
             f"{r['extra_mb']:.0f}",
         ]
         print(f"| {m} | " + " | ".join(cells) + " |")
+    if args.paired:
+        print(
+            "\nx vanilla: against the plain model timed right before each run, on the same sample and in the same "
+            "process (its median per method: "
+            + ", ".join(f"{m} {r['paired_vanilla_s']:.4f} s" for m, r in results.items() if "paired_vanilla_s" in r)
+            + "); the vanilla row is its own run"
+        )
     for m, r in results.items():
         if r.get("memory_fallbacks"):
             print(
