@@ -23,6 +23,7 @@ import torch.utils.checkpoint
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from egg_eval.backbones.processors import torch_pixel_arithmetic
 from egg_eval.types import Counters
 
 
@@ -218,6 +219,7 @@ class Backbone:
         model.requires_grad_(False)
         self.model = model.eval()
         self.processor = processor
+        torch_pixel_arithmetic(processor)
         self.max_new_tokens = max_new_tokens
         self.name = name or self.family
         self.counters = Counters()
