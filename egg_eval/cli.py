@@ -41,6 +41,7 @@ NOT_IN_RESULT = (
     "shard",
     "dataset.limit",
     "backbone.device",
+    "backbone.attn_implementation",
     "backbone.path",
     "method.batch_views",
     "method.reuse_features",
@@ -134,6 +135,7 @@ def build(cfg: DictConfig):
         dtype=b.dtype,
         device=b.device,
         revision=b.get("revision"),
+        attn_implementation=b.get("attn_implementation", "sdpa"),
         max_new_tokens=b.max_new_tokens,
         name=b.name,
     )

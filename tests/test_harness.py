@@ -204,3 +204,23 @@ def test_make_tables_prints_a_table_from_results(tmp_path):
     ).stdout
     assert "detail_toy" in out and "top_k" in out
     assert (tmp_path / "table_top_k.csv").read_text().count("\n") == 3  # header + K=1 + K=2
+
+
+def test_attention_implementation_is_a_backbone_setting(tmp_path):
+    """``backbone.attn_implementation`` reaches the loaded model (sdpa by default), and the
+    same run under eager attention gives the same predictions; a resume may switch it."""
+    from egg_eval.cli import build
+
+    cfg = cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", "method.max_rounds=2")
+    assert build(cfg)[0].model.config._attn_implementation == "sdpa"
+    eager = cfg_for(
+        tmp_path, "backbone=tiny", "dataset=detail_toy", "method.max_rounds=2", "backbone.attn_implementation=eager"
+    )
+    assert build(eager)[0].model.config._attn_implementation == "eager"
+    first = main(cfg)
+    run_dir = next((tmp_path / "runs").glob("*/*/*"))
+    preds = [json.loads(x)["prediction"] for x in (run_dir / "records.jsonl").open()]
+    (run_dir / "records.jsonl").unlink()
+    again = main(eager)  # into the same folder: the attention kernel is not part of the result's identity
+    assert [json.loads(x)["prediction"] for x in (run_dir / "records.jsonl").open()] == preds
+    assert again["score"] == first["score"]
