@@ -41,7 +41,7 @@ class Prefix:
     length: int
 
     def detach(self) -> Prefix:
-        for layer in self.cache.layers:  # keys / values built in a grad pass: keep the values only
+        for layer in self.cache.layers:  # keys / values built in a grad pass: keep the tensors, drop the graph
             layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
         return self
 
