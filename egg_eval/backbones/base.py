@@ -219,7 +219,6 @@ class Backbone:
         model.requires_grad_(False)
         self.model = model.eval()
         self.processor = processor
-        torch_pixel_arithmetic(processor)
         self.max_new_tokens = max_new_tokens
         self.name = name or self.family
         self.counters = Counters()
@@ -295,7 +294,8 @@ class Backbone:
     def encode(self, images: Sequence[Image.Image], text: str) -> dict[str, torch.Tensor]:
         """The model's own processor on ``images`` (in order) and the chat-templated ``text``."""
         self._check_image_count(images)
-        batch = self.processor(images=list(images), text=self.prompt(len(images), text), return_tensors="pt")
+        with torch_pixel_arithmetic(self.processor):  # same pixels, several cores
+            batch = self.processor(images=list(images), text=self.prompt(len(images), text), return_tensors="pt")
         out = {}
         for k, v in batch.items():
             if isinstance(v, torch.Tensor):

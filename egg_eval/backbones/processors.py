@@ -10,7 +10,8 @@ unchanged, and ``from_pretrained`` reads the same files a stock checkpoint ships
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -54,16 +55,25 @@ def _normalize(image: np.ndarray, mean: float | Iterable[float], std: float | It
     return ((t - per_channel(mean, "mean")) / per_channel(std, "std")).numpy()
 
 
-def torch_pixel_arithmetic(processor: Any) -> bool:
-    """Give ``processor``'s PIL image processor (this instance only) ``rescale`` and
-    ``normalize`` that compute in torch: bit-identical pixel values (tested on every family),
-    on several cores. transformers' numpy versions run on one core over strided copies; an
-    InternVL crop cut into 13 tiles spent about 50 ms in ``normalize`` alone on this project's
-    CPU. Returns whether it applied (a processor whose class overrides them keeps its own)."""
+@contextlib.contextmanager
+def torch_pixel_arithmetic(processor: Any) -> Iterator[bool]:
+    """While inside, ``processor``'s PIL image processor (this instance only) rescales and
+    normalizes in torch: bit-identical pixel values (tested on every family), on several
+    cores. transformers' numpy versions run on one core over strided copies; an InternVL crop
+    cut into 13 tiles spent about 50 ms in ``normalize`` alone on this project's CPU. Set per
+    call and removed after, so that the processor still serializes (``save_pretrained``).
+    Yields whether it applied (a processor whose class overrides them keeps its own)."""
     ip = getattr(processor, "image_processor", None)
-    if not isinstance(ip, PilBackend):
-        return False
-    if type(ip).rescale is not PilBackend.rescale or type(ip).normalize is not PilBackend.normalize:
-        return False
+    if (
+        not isinstance(ip, PilBackend)
+        or type(ip).rescale is not PilBackend.rescale
+        or type(ip).normalize is not PilBackend.normalize
+        or "rescale" in vars(ip)
+    ):
+        yield False
+        return
     ip.rescale, ip.normalize = _rescale, _normalize
-    return True
+    try:
+        yield True
+    finally:
+        del ip.rescale, ip.normalize
