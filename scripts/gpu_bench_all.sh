@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# On a GPU box: check every family, then time all four real-size families in bf16.
+# On a GPU box: check every family, then time the real-size families in bf16.
 #   bash scripts/gpu_bench_all.sh results/bench/$(hostname)_$(date +%F) [extra bench.py args]
-# Each family's table goes to <out>/<family>.txt as it is produced (a run cut short keeps what
-# it measured: bench.py prints each method's numbers to stderr as they are taken).
+#   FAMILIES="qwen25vl" CHECK=0 bash scripts/gpu_bench_all.sh out/ --n 16 --repeats 2   # one family, no check
+# Defaults: 8 samples, each timed once, the speed-up rows that matter at real size (later
+# arguments override them, e.g. --methods vanilla,egg). Each family's table goes to
+# <out>/<family>.txt as it is produced (a run cut short keeps what it measured: bench.py
+# prints each method's numbers to stderr as they are taken).
 set -u
 out=${1:-results/bench/gpu_$(date +%F)}
 shift || true
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python3 scripts/gpu_check.py 2>&1 | tee "$out/gpu_check.txt"
-for family in llava15 llava16 qwen25vl internvl35; do
+families=${FAMILIES:-llava15,llava16,qwen25vl,internvl35}
+if [ "${CHECK:-1}" != 0 ]; then
+    python3 scripts/gpu_check.py --families "$families" 2>&1 | tee "$out/gpu_check.txt"
+fi
+for family in ${families//,/ }; do
     python3 scripts/bench.py --backbone real --family "$family" --device cuda --dtype bfloat16 \
-        --threads 8 --n 16 --repeats 2 "$@" 2>&1 | tee "$out/$family.txt"
+        --threads 8 --n 8 --repeats 1 --methods vanilla,egg_reused_features,egg_reused_prefix,egg \
+        "$@" 2>&1 | tee "$out/$family.txt"
 done
