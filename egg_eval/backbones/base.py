@@ -395,6 +395,10 @@ class Backbone:
     def num_layers(self) -> int:
         return len(self.decoder_layers)
 
+    def runs_all_layers(self, layer: int | None) -> bool:
+        """Whether the logit-lens setting ``layer`` (None or -1 = last) is the full model."""
+        return layer is None or layer == -1 or layer == self.num_layers
+
     def activation_bytes_per_token(self, layer: int | None = None) -> int:
         """Estimated bytes one prompt token keeps alive for the grounding backward through the
         first ``layer`` decoder layers (None = all).
@@ -420,7 +424,7 @@ class Backbone:
         elements = 4 * h + 2 * q + 2 * kv + 3 * i
         if getattr(self.decoder_layers[0].self_attn, "q_norm", None) is not None:
             elements += 2 * q + 2 * kv
-        n = self.num_layers if layer is None or layer == -1 else layer
+        n = self.num_layers if self.runs_all_layers(layer) else layer
         return int(1.1 * n * elements * self.dtype.itemsize)
 
     def next_token_logits(
@@ -447,14 +451,14 @@ class Backbone:
         self.counters.n_forward += 1
         kw = dict(self.lm_inputs(enc), use_cache=cache is not None)
         if cache is not None:
-            if recompute_layers or layer not in (None, -1, self.num_layers) or enc["input_ids"].shape[0] != 1:
+            if recompute_layers or not self.runs_all_layers(layer) or enc["input_ids"].shape[0] != 1:
                 raise ValueError("a cache is kept only by a one-prompt pass through all layers, none recomputed")
             kw["past_key_values"] = cache
         kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self._pack_leaves(leaves))}
         n = self.num_layers
         recompute = recompute_in_backward(self.decoder_layers, recompute_layers and torch.is_grad_enabled())
         keep = 1 if positions is None else positions.reshape(-1, 1)
-        if layer is None or layer == n or layer == -1:
+        if self.runs_all_layers(layer):
             with recompute:
                 logits = self.model(**kw, logits_to_keep=keep).logits[:, -1].float()
             return logits[0] if logits.shape[0] == 1 else logits

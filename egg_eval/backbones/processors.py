@@ -46,11 +46,11 @@ def _normalize(image: np.ndarray, mean: float | Iterable[float], std: float | It
         t = t.to(torch.float32)
     c = t.shape[0]
 
-    def per_channel(v: Any, name: str) -> torch.Tensor:
+    def per_channel(v: Any, name: str) -> torch.Tensor:  # in the image's dtype, as numpy casts it
         v = list(v) if isinstance(v, Iterable) else [v] * c
         if len(v) != c:
             raise ValueError(f"{name} must have {c} elements if it is an iterable, got {len(v)}")
-        return torch.tensor(np.array(v, dtype=image.dtype if image.dtype.kind == "f" else np.float32)).view(-1, 1, 1)
+        return torch.tensor(v, dtype=t.dtype).view(-1, 1, 1)
 
     return ((t - per_channel(mean, "mean")) / per_channel(std, "std")).numpy()
 

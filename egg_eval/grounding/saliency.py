@@ -121,8 +121,7 @@ def _ground_encoded(
         recompute_layers = True
         backbone.counters.memory_limited += 1
     leaves = backbone.visual_leaves(enc)
-    full = layer in (None, -1, backbone.num_layers)
-    cache = backbone.new_cache() if keep_prefix and full and not recompute_layers else None
+    cache = backbone.new_cache() if keep_prefix and backbone.runs_all_layers(layer) and not recompute_layers else None
     with torch.enable_grad():
         logits = backbone.next_token_logits(enc, leaves, layer=layer, recompute_layers=recompute_layers, cache=cache)
         value = OBJECTIVES[objective](logits)
