@@ -110,8 +110,11 @@ class Counters:
     # a round's views one by one instead of batched, then decoder layers recomputed
     memory_fallbacks: int = 0
     # grounding passes planned smaller up front to stay within method.activation_memory_gb
-    # (a round's views split into single passes, or a view's layers recomputed)
+    # (a round's views split into single passes, or some of a pass's layers recomputed)
     memory_limited: int = 0
+    # decoder layers recomputed in grounding backwards, summed over passes (each costs one
+    # more forward of that layer; num_layers of them = one more forward of the prompt)
+    recomputed_layers: int = 0
 
 
 @dataclass

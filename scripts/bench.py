@@ -222,6 +222,7 @@ def child(args):
             torch.cuda.reset_peak_memory_stats()
             base_mem = memory()
         times, fwd, bwd, tower, fallbacks, limited, prefix = [float("inf")] * len(samples), [], [], [], 0, [], []
+        recomputed = []
         answer_s = [0.0] * len(samples)  # of each sample's fastest run: the answer pass (the rest is grounding)
         plain = [float("inf")] * len(samples)  # --paired: the plain model, timed right before each run
         for rep in range(args.repeats):
@@ -236,6 +237,7 @@ def child(args):
                     bwd.append(trace.counters.n_backward)
                     tower.append(trace.counters.n_tower)
                     limited.append(trace.counters.memory_limited)
+                    recomputed.append(trace.counters.recomputed_layers)
                     prefix.append(trace.counters.prefix_tokens)
                 fallbacks += trace.counters.memory_fallbacks
         peak = memory()
@@ -249,6 +251,7 @@ def child(args):
             "tower": statistics.mean(tower),
             "memory_fallbacks": fallbacks,
             "memory_limited": statistics.mean(limited),
+            "recomputed_layers": statistics.mean(recomputed),
             "prefix_tokens": statistics.mean(prefix),
             "peak_mb": peak / 2**20,
             "extra_mb": (peak - base_mem) / 2**20,
@@ -317,10 +320,10 @@ def main() -> None:
     )
     print(
         "| method | median s/sample | x vanilla | answer s | rest s | forward/sample | backward/sample | tower/sample "
-        "| limited/sample | prefix tokens/sample "
+        "| limited/sample | recomputed layers/sample | prefix tokens/sample "
         "| peak MB | x vanilla | above model MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m, r in results.items():
         if m == "passes":
             continue
@@ -336,6 +339,7 @@ def main() -> None:
             f"{r['backward']:.1f}",
             f"{r['tower']:.1f}",
             f"{r['memory_limited']:.1f}",
+            f"{r.get('recomputed_layers', 0):.1f}",
             f"{r.get('prefix_tokens', 0):.0f}",
             f"{r['peak_mb']:.0f}",
             mx,

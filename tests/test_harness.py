@@ -32,6 +32,7 @@ RECORD_FIELDS = {
     "prefix_tokens",
     "memory_fallbacks",
     "memory_limited",
+    "recomputed_layers",
     "time_ground_s",
     "time_answer_s",
     "time_s",

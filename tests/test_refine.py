@@ -274,12 +274,12 @@ def test_answer_continues_the_whole_images_grounding_cache(tiny_backbones, famil
 
 
 def test_answer_prefix_is_kept_only_where_it_is_the_prompts(tiny_backbones):
-    """No cache from a logit-lens pass (it stops early) or one whose layers are recomputed,
-    and none is used for a prompt without crops or whose first image is another."""
+    """No cache from a logit-lens pass (it stops early), and none is used for a prompt
+    without crops or whose first image is another. (A pass whose layers are recomputed keeps
+    one: test_saliency.py::test_recomputed_layers_keep_a_usable_prefix.)"""
     bb = tiny_backbones["llava15"]
     img, other = noise_image(200, 150, seed=3), noise_image(200, 150, seed=4)
     assert token_saliency(bb, img, "q", keep_prefix=True, layer=1).prefix is None
-    assert token_saliency(bb, img, "q", keep_prefix=True, recompute_layers=True).prefix is None
     g = token_saliency(bb, img, "q", keep_prefix=True)
     assert token_saliency(bb, img, "q").prefix is None
     feats = [g.features, g.features]

@@ -53,9 +53,10 @@ class EggConfig:
     # (with reuse_features): its prefill runs only the crops and the question
     reuse_prefix: bool = True
     checkpoint_layers: bool = False  # recompute decoder layers in the backward: less memory, more time
-    # activations a grounding pass may hold, GiB: over it, a round's views are grounded one by
-    # one and a view's layers recomputed. "auto" = AUTO_ACTIVATION_FRACTION of the weights'
-    # bytes on a GPU (peak within 1.5x the plain model's), no limit on CPU; None = no limit.
+    # activations a grounding pass may hold, GiB: over it, a round's views go one by one and a
+    # view recomputes the fewest leading decoder layers that bring it within. "auto" =
+    # AUTO_ACTIVATION_FRACTION of the weights' bytes on a GPU (peak within 1.5x the plain
+    # model's), no limit on CPU; None = no limit.
     activation_memory_gb: float | str | None = "auto"
 
     def __post_init__(self):

@@ -88,11 +88,12 @@ def token_saliency(
     """Ground one view: the gradient norm of ``objective`` at decoding step ``token_index``
     (1 = first answer token; t > 1 greedy-unrolls t - 1 tokens first) through the first
     ``layer`` decoder layers (None = all), with respect to each projected visual token.
-    ``recompute_layers`` trades memory for time (same scores; method.checkpoint_layers);
-    it is switched on when the pass's estimated activations
-    (:meth:`Backbone.activation_bytes_per_token`) exceed ``memory_budget`` bytes.
-    ``keep_prefix``: keep the pass's KV cache in ``Grounding.prefix`` (not where layers are
-    recomputed or the logit lens stops early: the cache would not be the prompt's).
+    ``recompute_layers`` trades memory for time (same scores; True: every decoder layer,
+    method.checkpoint_layers); where the pass's estimated activations
+    (:meth:`Backbone.pass_activation_bytes`) exceed ``memory_budget`` bytes, the fewest
+    leading layers that bring it within are recomputed.
+    ``keep_prefix``: keep the pass's KV cache in ``Grounding.prefix`` (not where the logit
+    lens stops early: the cache would not be the whole prompt's).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
@@ -107,21 +108,25 @@ def token_saliency(
     return out
 
 
-def _over_budget(backbone: Backbone, n_tokens: int, layer: int | None, memory_budget: float | None) -> bool:
-    """Whether a pass over ``n_tokens`` prompt tokens would hold more than ``memory_budget``
-    bytes of activations for its backward (never, without a budget)."""
-    return memory_budget is not None and n_tokens * backbone.activation_bytes_per_token(layer) > memory_budget
+def _recompute_plan(backbone: Backbone, n_tokens: int, layer, memory_budget) -> int:
+    """Leading decoder layers a pass over ``n_tokens`` tokens recomputes to keep within
+    ``memory_budget`` (:meth:`Backbone.layers_to_recompute`): 0 without a budget; where
+    nothing fits, :meth:`Backbone.most_recomputed` (the least a pass can hold)."""
+    r = backbone.layers_to_recompute(n_tokens, layer, memory_budget)
+    return backbone.most_recomputed(layer) if r is None else r
 
 
 def _ground_encoded(
     backbone: Backbone, enc, image, objective, layer, recompute_layers, memory_budget, keep_prefix=False
 ) -> Grounding:
     """The forward and backward of one encoded view."""
-    if not recompute_layers and _over_budget(backbone, enc["input_ids"].shape[-1], layer, memory_budget):
-        recompute_layers = True
-        backbone.counters.memory_limited += 1
+    if recompute_layers is not True:
+        n_tokens = enc["input_ids"].shape[-1]
+        recompute_layers = max(int(recompute_layers), _recompute_plan(backbone, n_tokens, layer, memory_budget))
+        if recompute_layers:
+            backbone.counters.memory_limited += 1
     leaves = backbone.visual_leaves(enc)
-    cache = backbone.new_cache() if keep_prefix and backbone.runs_all_layers(layer) and not recompute_layers else None
+    cache = backbone.new_cache() if keep_prefix and backbone.runs_all_layers(layer) else None
     with torch.enable_grad():
         logits = backbone.next_token_logits(enc, leaves, layer=layer, recompute_layers=recompute_layers, cache=cache)
         value = OBJECTIVES[objective](logits)
@@ -167,8 +172,8 @@ def token_saliency_batch(
     differ, :meth:`Backbone.stack_lm_inputs`); the objective is summed over the batch.
     Rows of a batch do not interact, so the gradient of the sum with respect to a view's
     leaves is exactly that view's own gradient. Falls back to one pass per view when the
-    backbone cannot batch, ``token_index > 1``, or the batch's estimated activations
-    exceed ``memory_budget`` bytes (each view then is held to the budget on its own).
+    backbone cannot batch, ``token_index > 1``, or the batch's estimated activations exceed
+    ``memory_budget`` bytes (each view then is held to the budget on its own).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
@@ -178,11 +183,15 @@ def token_saliency_batch(
     t0 = time.perf_counter()
     encs = [backbone.encode([im], question) for im in images]
     padded = len(encs) * max(e["input_ids"].shape[-1] for e in encs)
-    if _over_budget(backbone, padded, layer, memory_budget):
+    # a batch only where it fits the budget as it is (with every layer recomputed, where that
+    # is asked for): it holds its views' tokens at once, so recomputing layers to fit it
+    # always costs more recomputation than its views one by one, and batching saves only launches
+    recomputed = backbone.most_recomputed(layer) if recompute_layers is True else 0
+    if memory_budget is None or backbone.pass_activation_bytes(padded, layer, recomputed) <= memory_budget:
+        out = _ground_stacked(backbone, encs, images, objective, layer, recompute_layers)
+    else:
         backbone.counters.memory_limited += 1
         out = [_ground_encoded(backbone, e, im, **kw) for e, im in zip(encs, images)]
-    else:
-        out = _ground_stacked(backbone, encs, images, objective, layer, recompute_layers)
     backbone.counters.time_ground_s += time.perf_counter() - t0
     return out
 
