@@ -75,7 +75,7 @@ def check(family: str, layers: int, device: str, dtype: str) -> float:
     )
     # the activation budget's partial plan: some leading layers recomputed, the cache still kept
     r_half = max(bb.most_recomputed(None) // 2, 1)
-    n_tokens = bb.encode([img], q)["input_ids"].shape[-1]
+    n_tokens = g.prefix.input_ids.shape[0]  # the whole image's grounding prompt
     held = {}
     for r in (0, r_half):
         if bb.device.type == "cuda":

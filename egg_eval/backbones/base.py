@@ -185,12 +185,13 @@ def recompute_in_backward(layers: Sequence[torch.nn.Module], enabled: bool = Tru
         original = layer.forward
 
         def forward(*args, _f=original, **kwargs):
-            runs = []
+            first = True
 
             def run(*a, **k):
-                if runs and k.get("past_key_values") is not None:
-                    k = {**k, "past_key_values": None}  # the recomputation
-                runs.append(1)
+                nonlocal first
+                if not first:  # the recomputation
+                    k = {**k, "past_key_values": None}
+                first = False
                 return _f(*a, **k)
 
             return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)

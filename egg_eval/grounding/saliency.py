@@ -88,8 +88,8 @@ def token_saliency(
     """Ground one view: the gradient norm of ``objective`` at decoding step ``token_index``
     (1 = first answer token; t > 1 greedy-unrolls t - 1 tokens first) through the first
     ``layer`` decoder layers (None = all), with respect to each projected visual token.
-    ``recompute_layers`` trades memory for time (same scores; True: every decoder layer,
-    method.checkpoint_layers); where the pass's estimated activations
+    ``recompute_layers`` trades memory for time (same scores; True: all decoder layers but the
+    last, method.checkpoint_layers; an int: that many leading ones); where the pass's estimated activations
     (:meth:`Backbone.pass_activation_bytes`) exceed ``memory_budget`` bytes, the fewest
     leading layers that bring it within are recomputed.
     ``keep_prefix``: keep the pass's KV cache in ``Grounding.prefix`` (not where the logit
