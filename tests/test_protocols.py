@@ -37,6 +37,7 @@ def test_split_options(text, stem, letters, options):
     assert split_options(text) == (stem, letters, options)
 
 
+@pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")  # the cache keyword (see test_refine)
 def test_option_losses_equal_a_hand_computed_teacher_forced_loss(tiny_backbones, family):
     bb = tiny_backbones[family]
     img = noise_image(90, 70)

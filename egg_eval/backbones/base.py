@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -165,6 +166,23 @@ def capture_layer_output(layer: torch.nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+# the keyword of the KV cache: transformers 5.24 renamed ``past_key_values`` to ``cache`` in
+# the models' forward, in ``generate`` and in the decoder layers (the old name is deprecated
+# there, to be removed in 5.40); earlier versions know only the old one
+CACHE_KEYS = ("cache", "past_key_values")
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword ``model``'s forward (and ``generate``) take a KV cache under."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned (``out.cache`` from transformers 5.24, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @contextlib.contextmanager
 def recompute_in_backward(layers: Sequence[torch.nn.Module], enabled: bool = True) -> Iterator[None]:
     """Activation checkpointing of each of ``layers`` for the passes run inside: a layer keeps
@@ -190,7 +208,7 @@ def recompute_in_backward(layers: Sequence[torch.nn.Module], enabled: bool = Tru
             def run(*a, **k):
                 nonlocal first
                 if not first:  # the recomputation
-                    k = {**k, "past_key_values": None}
+                    k = {**k, **{key: None for key in CACHE_KEYS if key in k}}
                 first = False
                 return _f(*a, **k)
 
@@ -236,6 +254,7 @@ class Backbone:
         self.max_new_tokens = max_new_tokens
         self.name = name or self.family
         self.counters = Counters()
+        self.cache_keyword = cache_keyword(model)
         inner = getattr(model, "model", None)
         tower = getattr(inner, "vision_tower", None) or getattr(inner, "visual", None)
         if tower is not None:
@@ -509,7 +528,7 @@ class Backbone:
         if cache is not None:
             if not self.runs_all_layers(layer) or enc["input_ids"].shape[0] != 1:
                 raise ValueError("a cache is kept only by a one-prompt pass through all layers")
-            kw["past_key_values"] = cache
+            kw[self.cache_keyword] = cache
         kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self._pack_leaves(leaves))}
         n = self.num_layers
         n_recompute = self.most_recomputed(layer) if recompute_layers is True else int(recompute_layers)
@@ -612,7 +631,7 @@ class Backbone:
         prefix.cache.crop(p - prefix.cache.get_seq_length())
         prefix.length = p
         self.counters.prefix_tokens += p
-        return dict(self.inputs_with_features(enc, features[1:]), past_key_values=prefix.cache)
+        return dict(self.inputs_with_features(enc, features[1:]), **{self.cache_keyword: prefix.cache})
 
     def _forward_on_prefix(self, enc, features, prefix: Prefix, p: int) -> dict[str, Any]:
         """A plain forward's inputs for the same continuation: only the uncached tokens."""
@@ -676,7 +695,7 @@ class Backbone:
         kw = self._forward_on_prefix(enc, features, prefix, p) if p else self.inputs_with_features(enc, features)
         prompt = self.model(**kw, use_cache=True, logits_to_keep=1)
         self.counters.n_forward += 1
-        first, cache = prompt.logits[0, -1:].float(), prompt.past_key_values
+        first, cache = prompt.logits[0, -1:].float(), output_cache(prompt)
         tok = self.processor.tokenizer
         out = []
         for opt in options:
@@ -686,7 +705,8 @@ class Backbone:
                 continue
             logits = first
             if ids.shape[1] > 1:  # the option's own tokens predict its next ones
-                rest = self.model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True).logits[0].float()
+                rest = self.model(input_ids=ids[:, :-1], **{self.cache_keyword: cache}, use_cache=True)
+                rest = rest.logits[0].float()
                 cache.crop(1 - ids.shape[1])  # a negative count removes that many last tokens
                 self.counters.n_forward += 1
                 logits = torch.cat([first, rest])
