@@ -13,7 +13,7 @@ from pathlib import Path
 
 from egg_eval.backbones import load_backbone
 from egg_eval.data.detail import rows
-from egg_eval.demo import HELD_OUT_SEED, METHODS, evaluate, markdown
+from egg_eval.demo import HELD_OUT_SEED, METHODS, TOY_SIGMA, evaluate, markdown
 from egg_eval.toy_vlm import CHECKPOINT
 from egg_eval.viz import write_gallery
 
@@ -24,7 +24,7 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--pictures", type=int, default=8)
-    ap.add_argument("--sigma", type=float, default=0.5, help="smoothing on the 8x8 grid (paper: 1.5 on 24x24)")
+    ap.add_argument("--sigma", type=float, default=TOY_SIGMA, help="smoothing on the 12x12 grid (paper: 1.5 on 24x24)")
     ap.add_argument("--out", default="results/demo")
     args = ap.parse_args()
     import torch

@@ -2,8 +2,8 @@
 
 A seeded 320x320 scene holds clutter (grey strokes and blobs, grey squares with digits)
 and a few coloured squares, each with a white digit drawn in a 3x5 pixel font scaled
-``glyph`` times (9x15 px by default). At the toy model's 64 px input the whole scene is
-shrunk 5x, so a digit becomes a ~2x3 px smudge: its colour square is visible, the digit
+``glyph`` times (6x10 px by default). At the toy model's 96 px input the whole scene is
+shrunk 3.3x, so a digit becomes a ~2x3 px smudge: its colour square is visible, the digit
 is not. In a crop of about twice the square's side the digit spans ~10x16 input pixels
 and is easy to read. Two kinds of question:
 
@@ -82,7 +82,7 @@ def scene(
     n_squares: int = 3,
     n_grey: int = 2,
     side: tuple[int, int] = (52, 64),
-    glyph: int = 3,
+    glyph: int = 2,
 ) -> tuple[Image.Image, list[Square]]:
     """A seeded scene and its squares (coloured first, then grey distractors)."""
     rng = random.Random(seed)
