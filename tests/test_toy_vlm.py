@@ -72,7 +72,8 @@ def test_short_training_is_deterministic():
     b, _, hb = train(cfg, log=lambda s: None)
     c, _, _ = train(TrainConfig(**{**cfg.__dict__, "seed": 1}), log=lambda s: None)
     assert state_hash(a) == state_hash(b) != state_hash(c)
-    assert [r["loss"] for r in ha["qa"] + ha["point"] + ha["pairs"]] == [r["loss"] for r in hb["qa"] + hb["point"] + hb["pairs"]]
+    stages = ("qa", "point", "pairs")
+    assert [r["loss"] for k in stages for r in ha[k]] == [r["loss"] for k in stages for r in hb[k]]
     assert state_hash(a) != state_hash(build(0)[0])  # it did train
     assert [len(ha[k]) for k in ("read", "qa", "point", "pairs")] == [3, 3, 2, 2]
     # the first-hop loss is on from stage 3
