@@ -19,6 +19,7 @@ the answer saw) with the best-matching evidence box; 0 when no crop was made.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Iterable
@@ -96,13 +97,16 @@ def evaluate(
         touched_iou.append(max(c["touched"] for c in cover))
         centred_iou.append(max(c["centred"] for c in cover))
     stats: dict = {m: {"single": [], "pair": [], "iou": [], "hit": [], "time": []} for m in methods}
+    correct: dict = {m: [] for m in methods}  # per row, in order: for paired comparisons
     for m in methods:
         rng = random.Random(seed)
         for i, row in enumerate(rows):
             t0 = time.perf_counter()
             pred, trace, views = run_method(backbone, m, row, rng, sigma)
             stats[m]["time"].append(time.perf_counter() - t0)
-            stats[m][row["kind"]].append(M.exact_match(pred, row["answers"][0]))
+            hit = M.exact_match(pred, row["answers"][0])
+            stats[m][row["kind"]].append(hit)
+            correct[m].append(hit)
             loc = M.region_localisation(views[1].as_list(), row["bbox"]) if len(views) > 1 else {"iou": 0.0, "hit": 0.0}
             stats[m]["iou"].append(loc["iou"])
             stats[m]["hit"].append(loc["hit"])
@@ -127,14 +131,29 @@ def evaluate(
             "n_pair": len(s["pair"]),
         }
     table["grid_bound"] = {"iou": mean(grid_iou), "touched": mean(touched_iou), "centred": mean(centred_iou)}
+    if "egg_k1" in correct and "egg_k2" in correct:
+        pairs = [i for i, row in enumerate(rows) if row["kind"] == "pair"]
+        table["k2_vs_k1_pairs"] = paired_sign_test([correct["egg_k1"][i] for i in pairs], [correct["egg_k2"][i] for i in pairs])
     return table
+
+
+def paired_sign_test(a: list, b: list) -> dict:
+    """Exact two-sided sign test (McNemar's exact test) of two methods on the same questions.
+
+    Counts the questions only ``a`` answered right and only ``b`` answered right; under the
+    null that neither is better, each discordant question is a fair coin."""
+    only_a = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {"n": len(a), "only_first": only_a, "only_second": only_b, "p": p}
 
 
 def markdown(table: dict) -> str:
     cols = ["single_acc", "pair_acc", "acc", "iou", "hit", "time_s"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m, r in table.items():
-        if m == "grid_bound":
+        if m in ("grid_bound", "k2_vs_k1_pairs"):
             continue
         cells = [
             "-" if r[c] is None else (f"{100 * r[c]:.1f}" if c != "time_s" and c != "iou" else f"{r[c]:.3f}")
@@ -147,5 +166,11 @@ def markdown(table: dict) -> str:
             f"\nIoU ceiling of a first-round region (best box of whole token cells, mean over these samples): "
             f"{gb['iou']:.3f}; the box of every cell the evidence touches: {gb['touched']:.3f}; "
             f"of the cells whose centre it holds: {gb['centred']:.3f}"
+        )
+    if "k2_vs_k1_pairs" in table:
+        t = table["k2_vs_k1_pairs"]
+        lines.append(
+            f"K=2 vs K=1 on the {t['n']} two-region questions: only K=2 right {t['only_second']}, "
+            f"only K=1 right {t['only_first']} (exact two-sided sign test p = {t['p']:.3g})"
         )
     return "\n".join(lines)

@@ -165,6 +165,24 @@ def test_demo_numbers_on_a_fixed_subset_stay_in_their_band(toy):
     # geometry alone (the 12x12 grid over these scenes), so exact: the best whole-cell box (the cap
     # on a first-round region), the box of every cell the evidence touches, of the cells it centres
     assert t["grid_bound"] == pytest.approx({"iou": 0.6827, "touched": 0.5044, "centred": 0.6771}, abs=1e-4)
+    # the paired comparison counts the same answers the accuracies do
+    c = t["k2_vs_k1_pairs"]
+    assert c["n"] == t["egg_k1"]["n_pair"] == 63
+    assert c["only_second"] - c["only_first"] == round((t["egg_k2"]["pair_acc"] - t["egg_k1"]["pair_acc"]) * 63)
+
+
+def test_paired_sign_test_is_mcnemars_exact_test():
+    from egg_eval.demo import paired_sign_test
+
+    # 4 questions only the first got right, 8 only the second: p = 2 * P(X <= 4), X ~ Bin(12, 1/2)
+    a = [1] * 4 + [0] * 8 + [1] * 5 + [0] * 3
+    b = [0] * 4 + [1] * 8 + [1] * 5 + [0] * 3
+    t = paired_sign_test(a, b)
+    assert (t["n"], t["only_first"], t["only_second"]) == (20, 4, 8)
+    assert t["p"] == pytest.approx(2 * (1 + 12 + 66 + 220 + 495) / 4096)
+    assert paired_sign_test([1, 0], [1, 0])["p"] == 1.0  # no discordant question
+    assert paired_sign_test([1, 0, 1], [0, 1, 0])["p"] == 1.0  # capped at 1
+    assert paired_sign_test([0] * 10, [1] * 10)["p"] == pytest.approx(2 / 1024)
 
 
 def test_diagnose_toy_reports_where_the_maps_and_attention_peak(toy):
