@@ -133,7 +133,9 @@ def evaluate(
     table["grid_bound"] = {"iou": mean(grid_iou), "touched": mean(touched_iou), "centred": mean(centred_iou)}
     if "egg_k1" in correct and "egg_k2" in correct:
         pairs = [i for i, row in enumerate(rows) if row["kind"] == "pair"]
-        table["k2_vs_k1_pairs"] = paired_sign_test([correct["egg_k1"][i] for i in pairs], [correct["egg_k2"][i] for i in pairs])
+        table["k2_vs_k1_pairs"] = paired_sign_test(
+            [correct["egg_k1"][i] for i in pairs], [correct["egg_k2"][i] for i in pairs]
+        )
     return table
 
 
