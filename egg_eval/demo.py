@@ -25,15 +25,19 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from egg_eval import metrics as M
 from egg_eval.backbones.base import Backbone
+from egg_eval.cli import CONFIG_DIR
 from egg_eval.data.benchmarks import OPEN_SUFFIX
 from egg_eval.grounding.refine import EggConfig, answer_with_views, run_egg, run_vanilla
 from egg_eval.grounding.regions import RegionParams
 from egg_eval.types import Box
 
 METHODS = ("vanilla", "egg_k1", "egg_k2", "oracle", "random")
-TOY_SIGMA = 0.5  # configs/backbone/toy.yaml
+# the toy's smoothing, read from its backbone config so that the demo and `python -m egg_eval` agree
+TOY_SIGMA = float(OmegaConf.load(Path(CONFIG_DIR) / "backbone" / "toy.yaml").sigma)
 HELD_OUT_SEED = 2000  # scene seeds 2000 * 1_000_003 + i lie above every training seed (< 2**30)
 
 
@@ -96,17 +100,14 @@ def evaluate(
         cover = [M.grid_cover_ious(xs, ys, b) for b in row["bbox"]]
         touched_iou.append(max(c["touched"] for c in cover))
         centred_iou.append(max(c["centred"] for c in cover))
-    stats: dict = {m: {"single": [], "pair": [], "iou": [], "hit": [], "time": []} for m in methods}
-    correct: dict = {m: [] for m in methods}  # per row, in order: for paired comparisons
+    stats: dict = {m: {"right": [], "iou": [], "hit": [], "time": []} for m in methods}  # per row, in order
     for m in methods:
         rng = random.Random(seed)
         for i, row in enumerate(rows):
             t0 = time.perf_counter()
             pred, trace, views = run_method(backbone, m, row, rng, sigma)
             stats[m]["time"].append(time.perf_counter() - t0)
-            hit = M.exact_match(pred, row["answers"][0])
-            stats[m][row["kind"]].append(hit)
-            correct[m].append(hit)
+            stats[m]["right"].append(M.exact_match(pred, row["answers"][0]))
             loc = M.region_localisation(views[1].as_list(), row["bbox"]) if len(views) > 1 else {"iou": 0.0, "hit": 0.0}
             stats[m]["iou"].append(loc["iou"])
             stats[m]["hit"].append(loc["hit"])
@@ -118,24 +119,23 @@ def evaluate(
     def mean(v):
         return round(sum(v) / len(v), 4) if v else None
 
+    kinds = {k: [i for i, row in enumerate(rows) if row["kind"] == k] for k in ("single", "pair")}
+    right = {m: {k: [s["right"][i] for i in idx] for k, idx in kinds.items()} for m, s in stats.items()}
     table = {}
     for m, s in stats.items():
         table[m] = {
-            "single_acc": mean(s["single"]),
-            "pair_acc": mean(s["pair"]),
-            "acc": mean(s["single"] + s["pair"]),
+            "single_acc": mean(right[m]["single"]),
+            "pair_acc": mean(right[m]["pair"]),
+            "acc": mean(s["right"]),
             "iou": mean(s["iou"]),
             "hit": mean(s["hit"]),
             "time_s": mean(s["time"]),
-            "n_single": len(s["single"]),
-            "n_pair": len(s["pair"]),
+            "n_single": len(kinds["single"]),
+            "n_pair": len(kinds["pair"]),
         }
     table["grid_bound"] = {"iou": mean(grid_iou), "touched": mean(touched_iou), "centred": mean(centred_iou)}
-    if "egg_k1" in correct and "egg_k2" in correct:
-        pairs = [i for i, row in enumerate(rows) if row["kind"] == "pair"]
-        table["k2_vs_k1_pairs"] = paired_sign_test(
-            [correct["egg_k1"][i] for i in pairs], [correct["egg_k2"][i] for i in pairs]
-        )
+    if "egg_k1" in right and "egg_k2" in right:
+        table["k2_vs_k1_pairs"] = paired_sign_test(right["egg_k1"]["pair"], right["egg_k2"]["pair"])
     return table
 
 
