@@ -160,6 +160,7 @@ def child(args):
     from egg_eval.data.detail import rows
     from egg_eval.grounding.refine import EggConfig, run_egg, run_vanilla
     from egg_eval.grounding.saliency import token_saliency
+    from egg_eval.profiling import profile_phases
 
     torch.set_num_threads(args.threads)
     t_load = time.perf_counter()
@@ -241,7 +242,14 @@ def child(args):
                     prefix.append(trace.counters.prefix_tokens)
                 fallbacks += trace.counters.memory_fallbacks
         peak = memory()
+        phases = None
+        if args.profile:  # after the timings, which it would slow; a profiler that fails costs only this
+            try:
+                phases = profile_phases(lambda: [run(r) for r in samples[: args.profile]], cuda)
+            except Exception as e:  # e.g. no CUPTI on a GPU host
+                print(f"{method}: profile failed: {e!r}", file=sys.stderr, flush=True)
         return {
+            **({"phases": phases} if phases else {}),
             "median_s": statistics.median(times),
             **({"paired_vanilla_s": statistics.median(plain)} if paired else {}),
             "median_answer_s": statistics.median(answer_s),
@@ -262,6 +270,35 @@ def child(args):
 
     for method in args.child.split(","):
         print(json.dumps({method: measure(method)}), flush=True)
+
+
+def phase_table(profiled: dict, n: int, cuda: bool) -> str:
+    """Markdown: per method and phase, calls / host ms / device ms per sample."""
+    from egg_eval.backbones.base import PHASES
+
+    cols = [p for p in PHASES if any(p in ph for ph in profiled.values())] + ["all"]
+    unit = "host ms / kernel ms" if cuda else "host ms"
+    lines = [
+        f"\nby phase ({n} samples per method under torch.profiler; per sample: calls, {unit}; phases nest, "
+        "'all' is the whole sample: its wall time"
+        + (", the kernel time of everything, device busy %" if cuda else "")
+        + ", and its aten ops):",
+        "| method | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for m, ph in profiled.items():
+        cells = []
+        for c in cols:
+            e = ph.get(c)
+            if e is None:
+                cells.append("-")
+                continue
+            t = f"{e['host_s'] * 1000 / n:.1f}" + (f" / {e['device_s'] * 1000 / n:.1f}" if cuda else "")
+            if c == "all" and cuda and e["host_s"] > 0:
+                t += f" ({100 * e['device_s'] / e['host_s']:.0f}%)"
+            cells.append(f"{e['calls'] / n:.0f}x {t}" if c != "all" else f"{t}, {e['calls'] / n:.0f} ops")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -292,6 +329,13 @@ def main() -> None:
         default="auto",
         help="each: a process per method (CPU peak RSS cannot be reset); one: load the model once for all "
         "methods (GPU peaks are reset per method); auto: one on cuda, each elsewhere",
+    )
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run N samples per method under torch.profiler and print their time by EGG's phases",
     )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -359,6 +403,9 @@ def main() -> None:
                 f"\nNOTE {m}: {r['memory_fallbacks']} grounding passes ran out of memory and were redone with less "
                 "(views one by one, then layers recomputed): its time and memory are those of the fallback"
             )
+    profiled = {m: r["phases"] for m, r in results.items() if r.get("phases")}
+    if profiled:
+        print(phase_table(profiled, args.profile, args.device.startswith("cuda")))
     p = results["passes"]
     print(
         f"\none view: plain forward {p['forward_s'] * 1000:.1f} ms, grounding pass (forward + backward to the "

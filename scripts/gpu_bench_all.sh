@@ -2,8 +2,9 @@
 # On a GPU box: check every family, then time the real-size families in bf16.
 #   bash scripts/gpu_bench_all.sh results/bench/$(hostname)_$(date +%F) [extra bench.py args]
 #   FAMILIES="qwen25vl" CHECK=0 bash scripts/gpu_bench_all.sh out/ --n 16 --repeats 2   # one family, no check
-# Defaults: 8 samples, each timed once, the speed-up rows that matter at real size (later
-# arguments override them, e.g. --methods vanilla,egg). Each family's table goes to
+# Defaults: 8 samples, each timed once, the speed-up rows that matter at real size, and 2
+# samples per method under torch.profiler (time by phase, host vs kernels; later arguments
+# override them, e.g. --methods vanilla,egg --profile 0). Each family's table goes to
 # <out>/<family>.txt as it is produced (a run cut short keeps what it measured: bench.py
 # prints each method's numbers to stderr as they are taken).
 set -u
@@ -17,6 +18,6 @@ if [ "${CHECK:-1}" != 0 ]; then
 fi
 for family in ${families//,/ }; do
     python3 scripts/bench.py --backbone real --family "$family" --device cuda --dtype bfloat16 \
-        --threads 8 --n 8 --repeats 1 --methods vanilla,egg_reused_features,egg_reused_prefix,egg \
+        --threads 8 --n 8 --repeats 1 --methods vanilla,egg_reused_features,egg_reused_prefix,egg --profile 2 \
         "$@" 2>&1 | tee "$out/$family.txt"
 done

@@ -142,6 +142,8 @@ def test_bench_script_prints_its_table():
             "vanilla,egg",
             "--processes",
             "one",
+            "--profile",
+            "1",
         ],
         capture_output=True,
         text=True,
@@ -149,6 +151,9 @@ def test_bench_script_prints_its_table():
     ).stdout
     shared = json.loads(one.strip().splitlines()[-1])
     assert set(shared) == {"vanilla", "egg", "passes"}
+    # --profile: each method's time by phase, printed as a table
+    assert "backward" in shared["egg"]["phases"] and "backward" not in shared["vanilla"]["phases"]
+    assert "by phase" in one and "| egg | " in one.split("by phase")[1]
     for m in ("vanilla", "egg"):
         assert (shared[m]["forward"], shared[m]["backward"]) == (results[m]["forward"], results[m]["backward"])
 

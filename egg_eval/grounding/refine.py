@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
-from egg_eval.backbones.base import Backbone, Prefix
+from egg_eval.backbones.base import Backbone, Prefix, in_phase
 from egg_eval.grounding.regions import RegionParams, components, spatial_entropy
 from egg_eval.grounding.saliency import Grounding, token_saliency, token_saliency_batch
 from egg_eval.types import Box, Region, Round, Trace
@@ -185,6 +185,7 @@ class Refiner:
         result = self.cache.get(tuple(self.whole.as_list()))
         return result.grounding.prefix if result is not None and views and views[0] == self.whole else None
 
+    @in_phase("regions")
     def _store(self, box: Box, g: Grounding) -> _ViewResult:
         c = self.config
         bounds = Box(0, 0, box.width, box.height)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from egg_eval.backbones.base import Backbone, Prefix, TokenLayout
+from egg_eval.backbones.base import Backbone, Prefix, TokenLayout, in_phase, phase
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -128,9 +128,13 @@ def _ground_encoded(
     leaves = backbone.visual_leaves(enc)
     cache = backbone.new_cache() if keep_prefix and backbone.runs_all_layers(layer) else None
     with torch.enable_grad():
-        logits = backbone.next_token_logits(enc, leaves, layer=layer, recompute_layers=recompute_layers, cache=cache)
-        value = OBJECTIVES[objective](logits)
-        grads = torch.autograd.grad(value, leaves)
+        with phase("forward"):
+            logits = backbone.next_token_logits(
+                enc, leaves, layer=layer, recompute_layers=recompute_layers, cache=cache
+            )
+            value = OBJECTIVES[objective](logits)
+        with phase("backward"):
+            grads = torch.autograd.grad(value, leaves)
     backbone.counters.n_backward += 1
     out = _grounding(backbone, enc, image, grads, value, logits, leaves)
     if cache is not None:
@@ -139,6 +143,7 @@ def _ground_encoded(
     return out
 
 
+@in_phase("map")
 def _grounding(backbone: Backbone, enc, image: Image.Image, grads, value, logits, leaves) -> Grounding:
     """One view's :class:`Grounding` from its leaves' gradients (Eq. 4: a norm per token)."""
     scores = torch.cat([g.float().reshape(-1, g.shape[-1]).norm(dim=-1) for g in grads]).cpu().numpy()
@@ -206,11 +211,13 @@ def _ground_stacked(backbone: Backbone, encs, images, objective, layer, recomput
     if len(leaves) != len(images):
         raise RuntimeError(f"{backbone.family}: {len(leaves)} feature tensors for {len(images)} views")
     with torch.enable_grad():
-        logits = backbone.next_token_logits(
-            enc, leaves, layer=layer, recompute_layers=recompute_layers, positions=positions
-        )
-        values = [OBJECTIVES[objective](logits[i]) for i in range(len(images))]
-        grads = torch.autograd.grad(torch.stack(values).sum(), leaves)
+        with phase("forward"):
+            logits = backbone.next_token_logits(
+                enc, leaves, layer=layer, recompute_layers=recompute_layers, positions=positions
+            )
+            values = [OBJECTIVES[objective](logits[i]) for i in range(len(images))]
+        with phase("backward"):
+            grads = torch.autograd.grad(torch.stack(values).sum(), leaves)
     backbone.counters.n_backward += 1
     return [
         _grounding(backbone, encs[i], im, grads[i : i + 1], values[i], logits[i], leaves[i : i + 1])

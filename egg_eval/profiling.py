@@ -1,0 +1,81 @@
+"""Where EGG's time goes: a run under ``torch.profiler``, totalled by the phases the library
+marks (:data:`egg_eval.backbones.base.PHASES`: processor, vision tower, the grounding passes'
+forward and backward, the map, the regions, the answer).
+
+    from egg_eval.profiling import profile_phases
+    phases = profile_phases(lambda: run_egg(backbone, image, question), cuda=True)
+
+``scripts/bench.py --profile N`` prints it per method. On a GPU it separates host time from
+kernel time: a phase whose kernels take a small part of its host time is launch-bound
+(the GPU waits for Python), one whose kernels fill it is compute-bound.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Iterable
+
+from egg_eval.backbones.base import PHASES
+
+
+def phase_totals(
+    ranges: Iterable[tuple[float, float, str]], launches: Iterable[tuple[float, float]]
+) -> dict[str, dict[str, float]]:
+    """Per phase: ``calls``, ``host_s`` (the ranges' summed duration) and ``device_s`` (the
+    summed duration of the kernels launched while one of its ranges was open, on any
+    thread: autograd runs a GPU backward's ops on its own thread, not inside the caller's
+    range). ``ranges``: (start_us, end_us, phase); ``launches``: (launch time_us, kernel
+    duration_us). Phases nest (the tower inside an answer), so a kernel counts in each open
+    phase, but once per phase even where ranges of one phase overlap."""
+    out: dict[str, dict[str, float]] = {}
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for start, end, phase in ranges:
+        e = out.setdefault(phase, {"calls": 0, "host_s": 0.0, "device_s": 0.0})
+        e["calls"] += 1
+        e["host_s"] += (end - start) / 1e6
+        spans.setdefault(phase, []).append((start, end))
+    merged = {}
+    for phase, ss in spans.items():  # a phase's ranges as disjoint intervals, sorted
+        ss.sort()
+        m = [list(ss[0])]
+        for s, e in ss[1:]:
+            if s <= m[-1][1]:
+                m[-1][1] = max(m[-1][1], e)
+            else:
+                m.append([s, e])
+        merged[phase] = ([s for s, _ in m], [e for _, e in m])
+    for t, dur in launches:
+        for phase, (starts, ends) in merged.items():
+            i = bisect.bisect_right(starts, t) - 1
+            if i >= 0 and t <= ends[i]:
+                out[phase]["device_s"] += dur / 1e6
+    return out
+
+
+def profile_phases(fn: Callable[[], object], cuda: bool = False) -> dict[str, dict[str, float]]:
+    """Run ``fn`` under torch.profiler; :func:`phase_totals` of its phases, plus ``all``:
+    ``host_s`` the wall time of ``fn`` (the profiler's own overhead included, so it exceeds
+    an unprofiled run), ``device_s`` the time of every kernel it launched, ``calls`` its
+    aten ops (nested ones included)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    names = {name: phase for phase, name in PHASES.items()}
+    events = prof.events()
+    ranges = [(e.time_range.start, e.time_range.end, names[e.name]) for e in events if e.name in names]
+    launches = [(e.time_range.start, sum(k.duration for k in e.kernels)) for e in events if e.kernels]
+    out = phase_totals(ranges, launches)
+    out["all"] = {
+        "calls": sum(1 for e in events if e.name.startswith("aten::")),
+        "host_s": wall,
+        "device_s": sum(d for _, d in launches) / 1e6,
+    }
+    return out
