@@ -59,6 +59,7 @@ def profile_phases(fn: Callable[[], object], cuda: bool = False) -> dict[str, di
     an unprofiled run), ``device_s`` the time of every kernel it launched, ``calls`` its
     aten ops (nested ones included)."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -70,7 +71,13 @@ def profile_phases(fn: Callable[[], object], cuda: bool = False) -> dict[str, di
     wall = time.perf_counter() - t0
     names = {name: phase for phase, name in PHASES.items()}
     events = prof.events()
-    ranges = [(e.time_range.start, e.time_range.end, names[e.name]) for e in events if e.name in names]
+    # host ranges only: on a GPU the profiler also records each range's span on the device
+    host = DeviceType.CPU
+    ranges = [
+        (e.time_range.start, e.time_range.end, names[e.name])
+        for e in events
+        if e.name in names and e.device_type == host
+    ]
     launches = [(e.time_range.start, sum(k.duration for k in e.kernels)) for e in events if e.kernels]
     out = phase_totals(ranges, launches)
     out["all"] = {
