@@ -10,6 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from egg_eval.config_check import check_config
 from egg_eval.data.benchmarks import BenchmarkSpec
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -122,6 +123,7 @@ def build(cfg: DictConfig):
     from egg_eval.grounding.refine import EggConfig, answer_by_likelihood, answer_with_views, run_egg, run_vanilla
     from egg_eval.grounding.regions import RegionParams
 
+    check_config(cfg)  # before anything loads: a mistyped setting fails now, not on every sample
     torch.manual_seed(cfg.seed)
     b = cfg.backbone
     path = b.path
@@ -158,6 +160,11 @@ def build(cfg: DictConfig):
         raise ValueError(f"dataset.protocol must be 'generate' or 'likelihood', got {protocol!r}")
     answer = answer_by_likelihood if protocol == "likelihood" else answer_with_views
     m = cfg.method
+    layer = m.get("layer")
+    if m.name != "vanilla" and layer is not None and layer != -1 and not 1 <= layer <= backbone.num_layers:
+        raise ValueError(
+            f"config method.layer must be in 1..{backbone.num_layers} (or -1 / null: the last), got {layer}"
+        )
     if m.name == "vanilla":
 
         def method(image, text):

@@ -225,3 +225,48 @@ def test_attention_implementation_is_a_backbone_setting(tmp_path):
     again = main(eager)  # into the same folder: the attention kernel is not part of the result's identity
     assert [json.loads(x)["prediction"] for x in (run_dir / "records.jsonl").open()] == preds
     assert again["score"] == first["score"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.top_k=two", r"method\.top_k: Value 'two' .* Integer"),
+        ("method.batch_views=maybe", r"method\.batch_views: Value 'maybe' is not a valid bool"),
+        ("method.sigma=wide", r"method\.sigma: .* Float"),
+        ("method.objective=entropyy", r"method\.objective must be one of \['entropy'"),
+        ("method.top_k=0", r"method\.top_k must be >= 1"),
+        ("method.layer=last", r"method\.layer: .* Integer"),
+        ("dataset.limit=-3", r"dataset\.limit must be a whole number >= 1"),
+        ("backbone.max_new_tokens=many", r"backbone\.max_new_tokens: .* Integer"),
+        ("backbone.dtype=float33", r"backbone\.dtype must be one of"),
+        ("backbone.device=gpu", r"backbone\.device must be auto, cpu, cuda"),
+        ("pictures=some", r"config pictures: .* Integer"),
+        ("seed=abc", r"config seed: .* Integer"),
+        ("shard.count=two", r"shard\.count: .* Integer"),
+    ],
+)
+def test_a_mistyped_setting_stops_the_run_before_any_sample(tmp_path, override, message):
+    """A wrong type or range is an error naming the key, raised before the model loads;
+    before this check `method.objective=entropyy` or `backbone.max_new_tokens=many` failed
+    every sample, and `method.batch_views=maybe` ran as true."""
+    cfg = cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", override)
+    with pytest.raises(ValueError, match=message):
+        main(cfg)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / ".cache").exists()  # nothing loaded or written
+
+
+def test_every_shipped_config_passes_the_setting_check(tmp_path):
+    from egg_eval.config_check import check_config
+
+    names = {g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml")) for g in GROUPS}
+    for group, options in names.items():
+        for name in options:
+            check_config(cfg_for(tmp_path, f"{group}={name}"))
+    check_config(cfg_for(tmp_path, "stopping=fixed", "stopping.n=3", "method.layer=2", "dataset.limit=5"))
+
+
+def test_a_logit_lens_layer_beyond_the_model_is_refused_before_any_sample(tmp_path):
+    cfg = cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", "method.layer=7")  # the tiny model has 2
+    with pytest.raises(ValueError, match=r"method\.layer must be in 1\.\.2"):
+        main(cfg)
+    assert not (tmp_path / "runs").exists()

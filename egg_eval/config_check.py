@@ -1,0 +1,137 @@
+"""Types and ranges of the settings, checked before anything is loaded: a mistyped value
+(``method.top_k=two``, ``method.batch_views=maybe``, ``dataset.limit=-3``,
+``method.objective=entropyy``) stops the run at once with the key and what it takes, instead
+of failing every sample after a 7B model has loaded, or being read as something else.
+
+Types are checked by OmegaConf against the schemas below (the structured-config way), on a
+resolved copy of the config: the config itself is left as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+# ``Optional[...]`` rather than ``X | None``: OmegaConf reads the annotations at run time
+
+
+@dataclass
+class MethodSchema:
+    name: str = "egg"
+    objective: str = "entropy"
+    token_index: int = 1
+    layer: Optional[int] = None  # noqa: UP045
+    top_k: int = 2
+    sigma: float = 1.5
+    max_aspect: float = 3.0
+    min_size: float = 16.0
+    max_rounds: int = 15
+    batch_views: bool = True
+    reuse_features: bool = True
+    reuse_prefix: bool = True
+    checkpoint_layers: bool = False
+    activation_memory_gb: Any = "auto"  # a number, "auto" or null: checked by EggConfig
+
+
+@dataclass
+class StoppingSchema:
+    name: str = "spatial_entropy"
+    n: Optional[int] = None  # noqa: UP045
+
+
+@dataclass
+class BackboneSchema:
+    name: str = ""
+    family: str = ""
+    path: Optional[str] = None  # noqa: UP045
+    revision: Optional[str] = None  # noqa: UP045
+    dtype: str = "auto"
+    attn_implementation: Optional[str] = "sdpa"  # noqa: UP045
+    device: str = "auto"
+    max_new_tokens: int = 32
+    sigma: Optional[float] = None  # noqa: UP045
+    tiny: bool = False
+
+
+@dataclass
+class ShardSchema:
+    index: int = 0
+    count: int = 1
+
+
+@dataclass
+class RunSchema:  # the top level's own settings
+    seed: int = 0
+    progress: bool = True
+    output_root: str = "results"
+    output_dir: Optional[str] = None  # noqa: UP045
+    cache_dir: str = ""
+    pictures: int = 8
+
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _typed(section: str, schema: type, values: dict) -> None:
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), values)
+    except OmegaConfBaseException as e:
+        key = f"{section}.{e.key}" if section and getattr(e, "key", None) else section or str(getattr(e, "key", ""))
+        msg = str(e).splitlines()[0]
+        raise ValueError(f"config {key}: {msg}") from None
+
+
+def _at_least(key: str, value, low: int | float) -> None:
+    if value is not None and value < low:
+        raise ValueError(f"config {key} must be >= {low}, got {value!r}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ``ValueError`` naming the first setting of ``cfg`` whose type or range is wrong."""
+    from egg_eval.grounding.refine import STOPPING_RULES
+    from egg_eval.grounding.saliency import OBJECTIVES
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    top = {k: c[k] for k in RunSchema.__dataclass_fields__ if k in c}
+    _typed("", RunSchema, top)
+    _typed("shard", ShardSchema, c.get("shard") or {})
+    _at_least("pictures", top.get("pictures"), 0)
+
+    b = c["backbone"]
+    _typed("backbone", BackboneSchema, b)
+    _at_least("backbone.max_new_tokens", b.get("max_new_tokens"), 1)
+    if b.get("dtype", "auto") not in DTYPES:
+        raise ValueError(f"config backbone.dtype must be one of {DTYPES}, got {b['dtype']!r}")
+    device = b.get("device", "auto")
+    if device != "auto":
+        import torch
+
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"config backbone.device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+
+    d = c["dataset"]
+    for key in ("limit", "toy_n"):
+        v = d.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"config dataset.{key} must be a whole number >= 1 or null, got {v!r}")
+
+    m = c["method"]
+    if m.get("name") == "vanilla":
+        return
+    _typed("method", MethodSchema, m)
+    s = c.get("stopping") or {}
+    _typed("stopping", StoppingSchema, s)
+    if m.get("objective") not in OBJECTIVES:
+        raise ValueError(f"config method.objective must be one of {sorted(OBJECTIVES)}, got {m.get('objective')!r}")
+    if s.get("name") not in STOPPING_RULES:
+        raise ValueError(f"config stopping.name must be one of {STOPPING_RULES}, got {s.get('name')!r}")
+    for key, low in (("token_index", 1), ("top_k", 1), ("max_rounds", 1), ("sigma", 0), ("min_size", 0)):
+        _at_least(f"method.{key}", m.get(key), low)
+    _at_least("method.max_aspect", m.get("max_aspect"), 1)
+    if s.get("name") == "fixed":
+        _at_least("stopping.n", s.get("n") or 0, 1)
