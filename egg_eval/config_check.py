@@ -10,6 +10,7 @@ resolved copy of the config: the config itself is left as it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -114,7 +115,14 @@ def check_config(cfg: DictConfig) -> None:
         except RuntimeError:
             raise ValueError(f"config backbone.device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
 
+    path = b.get("path")
+    if path and path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+        # a hub id never starts so; without this, transformers reports an invalid repo id
+        raise ValueError(f"config backbone.path: no such directory {path!r} (a hub id or a save_pretrained directory)")
+
     d = c["dataset"]
+    if d.get("path") and not Path(d["path"]).expanduser().exists():
+        raise ValueError(f"config dataset.path: no such file or directory {d['path']!r}")
     for key in ("limit", "toy_n"):
         v = d.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):

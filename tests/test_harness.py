@@ -243,6 +243,8 @@ def test_attention_implementation_is_a_backbone_setting(tmp_path):
         ("pictures=some", r"config pictures: .* Integer"),
         ("seed=abc", r"config seed: .* Integer"),
         ("shard.count=two", r"shard\.count: .* Integer"),
+        ("backbone.path=/no/such/checkpoint", r"backbone\.path: no such directory '/no/such/checkpoint'"),
+        ("dataset.path=./no_such_parquet_dir", r"dataset\.path: no such file or directory"),
     ],
 )
 def test_a_mistyped_setting_stops_the_run_before_any_sample(tmp_path, override, message):
