@@ -131,6 +131,8 @@ def test_flat_map_stops_with_the_whole_image():
 def test_config_errors():
     with pytest.raises(ValueError, match="unknown stopping rule"):
         EggConfig(stopping="sometimes")
+    with pytest.raises(ValueError, match="unknown objective 'entropyy'"):  # at once, not on every sample
+        EggConfig(objective="entropyy")
     with pytest.raises(ValueError, match="top_k"):
         EggConfig(regions=RegionParams(top_k=0))
 

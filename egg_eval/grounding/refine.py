@@ -30,7 +30,7 @@ from PIL import Image
 
 from egg_eval.backbones.base import Backbone, Prefix, in_phase
 from egg_eval.grounding.regions import RegionParams, components, spatial_entropy
-from egg_eval.grounding.saliency import Grounding, token_saliency, token_saliency_batch
+from egg_eval.grounding.saliency import OBJECTIVES, Grounding, token_saliency, token_saliency_batch
 from egg_eval.types import Box, Region, Round, Trace
 
 STOPPING_RULES = ("spatial_entropy", "confidence", "fixed")
@@ -60,6 +60,8 @@ class EggConfig:
     activation_memory_gb: float | str | None = "auto"
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {sorted(OBJECTIVES)}")
         if self.stopping not in STOPPING_RULES:
             raise ValueError(f"unknown stopping rule {self.stopping!r}; choose one of {STOPPING_RULES}")
         if self.regions.top_k < 1:
