@@ -74,6 +74,7 @@ class RunSchema:  # the top level's own settings
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+WANDB_MODES = (None, "online", "offline", "disabled", "shared")  # None: $WANDB_MODE or online
 
 
 def _typed(section: str, schema: type, values: dict) -> None:
@@ -119,6 +120,11 @@ def check_config(cfg: DictConfig) -> None:
     if path and path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
         # a hub id never starts so; without this, transformers reports an invalid repo id
         raise ValueError(f"config backbone.path: no such directory {path!r} (a hub id or a save_pretrained directory)")
+
+    lg = c.get("logger") or {}
+    if lg.get("name") == "wandb" and lg.get("mode") not in WANDB_MODES:
+        # wandb would refuse it at init, which the logger turns into a warning: the run would go unlogged
+        raise ValueError(f"config logger.mode must be one of {WANDB_MODES}, got {lg.get('mode')!r}")
 
     d = c["dataset"]
     if d.get("path") and not Path(d["path"]).expanduser().exists():

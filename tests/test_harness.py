@@ -190,6 +190,16 @@ def test_missing_column_is_a_clear_error(tmp_path):
         main(cfg_for(tmp_path, "dataset=textvqa_toy", "dataset.columns.question=query"))
 
 
+def test_a_missing_answers_column_is_said_once_and_nothing_is_scored(tmp_path, caplog):
+    """No answers column may be a test split's withheld answers, so the run goes on to its
+    predictions (and submission file), but a misnamed column must not pass unnoticed."""
+    with caplog.at_level("WARNING", logger="egg_eval"):
+        summary = main(cfg_for(tmp_path, "backbone=tiny", "dataset=textvqa_toy", "dataset.columns.answers=gold"))
+    said = [r.getMessage() for r in caplog.records if "dataset.columns.answers" in r.getMessage()]
+    assert len(said) == 1 and "'gold'" in said[0] and "'answers'" in said[0]  # names the rows' columns
+    assert summary["score"] is None and summary["n_samples"] > 0 and summary["n_failures"] == 0
+
+
 def test_make_tables_prints_a_table_from_results(tmp_path):
     import subprocess
     import sys
@@ -245,13 +255,14 @@ def test_attention_implementation_is_a_backbone_setting(tmp_path):
         ("shard.count=two", r"shard\.count: .* Integer"),
         ("backbone.path=/no/such/checkpoint", r"backbone\.path: no such directory '/no/such/checkpoint'"),
         ("dataset.path=./no_such_parquet_dir", r"dataset\.path: no such file or directory"),
+        ("logger=wandb logger.mode=offlin", r"logger\.mode must be one of"),
     ],
 )
 def test_a_mistyped_setting_stops_the_run_before_any_sample(tmp_path, override, message):
     """A wrong type or range is an error naming the key, raised before the model loads;
     before this check `method.objective=entropyy` or `backbone.max_new_tokens=many` failed
     every sample, and `method.batch_views=maybe` ran as true."""
-    cfg = cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", override)
+    cfg = cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", *override.split())
     with pytest.raises(ValueError, match=message):
         main(cfg)
     assert not (tmp_path / "runs").exists() and not (tmp_path / ".cache").exists()  # nothing loaded or written

@@ -7,6 +7,7 @@ stopping the stream.
 from __future__ import annotations
 
 import io
+import logging
 import re
 import warnings
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from PIL import Image, ImageOps
 OPEN_SUFFIX = "Answer the question using a single word or phrase."
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 KINDS = ("open", "mc", "pope")
+log = logging.getLogger("egg_eval")
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,14 @@ def iter_samples(
         for count, row in enumerate(ds, start=1):
             if limit is not None and count > limit:
                 break
+            answers = spec.columns.get("answers", "answers")
+            if count == 1 and answers not in row:  # a test split's withheld answers, or a misnamed column
+                log.warning(
+                    "%s: no column %r (dataset.columns.answers) in the rows %s: predictions only, nothing scored",
+                    spec.name,
+                    answers,
+                    sorted(row),
+                )
             if spec.columns.get("id") == "__index__":
                 row = {**row, "__index__": count - 1}
             sample = _to_sample(row, spec, subset, images)
