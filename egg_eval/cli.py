@@ -112,6 +112,31 @@ def spec_from_config(d) -> BenchmarkSpec:
     )
 
 
+def egg_config(cfg: DictConfig):
+    """The :class:`EggConfig` of ``cfg.method`` and ``cfg.stopping`` (``None`` for vanilla);
+    its own checks refuse a setting out of range."""
+    from egg_eval.grounding.refine import EggConfig
+    from egg_eval.grounding.regions import RegionParams
+
+    m, s = cfg.method, cfg.stopping
+    if m.name == "vanilla":
+        return None
+    return EggConfig(
+        objective=m.objective,
+        token_index=m.token_index,
+        layer=m.layer,
+        regions=RegionParams(sigma=m.sigma, top_k=m.top_k, max_aspect=m.max_aspect, min_size=m.min_size),
+        stopping=s.name,
+        n_rounds=1 if s.get("n") is None else s.n,
+        max_rounds=m.max_rounds,
+        batch_views=m.get("batch_views", True),
+        reuse_features=m.get("reuse_features", True),
+        reuse_prefix=m.get("reuse_prefix", True),
+        checkpoint_layers=m.get("checkpoint_layers", False),
+        activation_memory_gb=m.get("activation_memory_gb", "auto"),
+    )
+
+
 def build(cfg: DictConfig):
     """Backbone, spec, samples and the method callable from a composed config."""
     import torch
@@ -120,10 +145,15 @@ def build(cfg: DictConfig):
     from egg_eval.backbones.tiny import save_tiny
     from egg_eval.data.benchmarks import iter_samples
     from egg_eval.data.toy import subset_dirname, write_toy_subset
-    from egg_eval.grounding.refine import EggConfig, answer_by_likelihood, answer_with_views, run_egg, run_vanilla
-    from egg_eval.grounding.regions import RegionParams
+    from egg_eval.grounding.refine import answer_by_likelihood, answer_with_views, run_egg, run_vanilla
 
-    check_config(cfg)  # before anything loads: a mistyped setting fails now, not on every sample
+    # before anything loads: a mistyped setting fails now, not on every sample
+    check_config(cfg)
+    egg = egg_config(cfg)
+    protocol = cfg.dataset.get("protocol") or "generate"
+    if protocol not in ("generate", "likelihood"):
+        raise ValueError(f"dataset.protocol must be 'generate' or 'likelihood', got {protocol!r}")
+    answer = answer_by_likelihood if protocol == "likelihood" else answer_with_views
     torch.manual_seed(cfg.seed)
     b = cfg.backbone
     path = b.path
@@ -155,36 +185,12 @@ def build(cfg: DictConfig):
     index, count = shard_of(cfg)
     if count > 1:  # sample i of the stream goes to shard i % count
         samples = (s for i, s in enumerate(samples) if i % count == index)
-    protocol = d.get("protocol") or "generate"
-    if protocol not in ("generate", "likelihood"):
-        raise ValueError(f"dataset.protocol must be 'generate' or 'likelihood', got {protocol!r}")
-    answer = answer_by_likelihood if protocol == "likelihood" else answer_with_views
-    m = cfg.method
-    layer = m.get("layer")
-    if m.name != "vanilla" and layer is not None and layer != -1 and not 1 <= layer <= backbone.num_layers:
-        raise ValueError(
-            f"config method.layer must be in 1..{backbone.num_layers} (or -1 / null: the last), got {layer}"
-        )
-    if m.name == "vanilla":
+    if egg is None:
 
         def method(image, text):
             return run_vanilla(backbone, image, text, answer=answer)
     else:
-        s = cfg.stopping
-        egg = EggConfig(
-            objective=m.objective,
-            token_index=m.token_index,
-            layer=m.layer,
-            regions=RegionParams(sigma=m.sigma, top_k=m.top_k, max_aspect=m.max_aspect, min_size=m.min_size),
-            stopping=s.name,
-            n_rounds=s.get("n") or 1,
-            max_rounds=m.max_rounds,
-            batch_views=m.get("batch_views", True),
-            reuse_features=m.get("reuse_features", True),
-            reuse_prefix=m.get("reuse_prefix", True),
-            checkpoint_layers=m.get("checkpoint_layers", False),
-            activation_memory_gb=m.get("activation_memory_gb", "auto"),
-        )
+        backbone.check_layer(egg.layer)
 
         def method(image, text):
             return run_egg(backbone, image, text, egg, answer=answer)

@@ -245,6 +245,8 @@ def test_attention_implementation_is_a_backbone_setting(tmp_path):
         ("method.sigma=wide", r"method\.sigma: .* Float"),
         ("method.objective=entropyy", r"method\.objective must be one of \['entropy'"),
         ("method.top_k=0", r"method\.top_k must be >= 1"),
+        ("stopping=fixed stopping.n=0", r"stopping\.n must be >= 1"),
+        ("method.max_aspect=0.5", r"method\.max_aspect must be >= 1"),
         ("method.layer=last", r"method\.layer: .* Integer"),
         ("dataset.limit=-3", r"dataset\.limit must be a whole number >= 1"),
         ("backbone.max_new_tokens=many", r"backbone\.max_new_tokens: .* Integer"),

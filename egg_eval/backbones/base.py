@@ -547,6 +547,11 @@ class Backbone:
         plans = range(self.most_recomputed(layer) + 1)
         return next((r for r in plans if self.pass_activation_bytes(n_tokens, layer, r) <= budget), None)
 
+    def check_layer(self, layer: int | None) -> None:
+        """Refuse a logit-lens ``layer`` the model does not have (1..num_layers, -1 / None: the last)."""
+        if not (layer is None or layer == -1 or 1 <= layer <= self.num_layers):
+            raise ValueError(f"method.layer must be in 1..{self.num_layers} (or -1 / null: the last), got {layer}")
+
     def next_token_logits(
         self,
         enc: dict[str, torch.Tensor],
@@ -570,6 +575,7 @@ class Backbone:
         ``cache`` (a full pass of one prompt): a fresh ``DynamicCache`` that the pass fills with
         its keys and values (:class:`Prefix`).
         """
+        self.check_layer(layer)
         self.counters.n_forward += 1
         kw = dict(self.lm_inputs(enc), use_cache=cache is not None)
         if cache is not None:
@@ -577,7 +583,6 @@ class Backbone:
                 raise ValueError("a cache is kept only by a one-prompt pass through all layers")
             kw[self.cache_keyword] = cache
         kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self._pack_leaves(leaves))}
-        n = self.num_layers
         n_recompute = self.most_recomputed(layer) if recompute_layers is True else int(recompute_layers)
         if torch.is_grad_enabled():
             self.counters.recomputed_layers += min(n_recompute, self.layers_run(layer))
@@ -587,8 +592,6 @@ class Backbone:
             with recompute:
                 logits = self.model(**kw, logits_to_keep=keep).logits[:, -1].float()
             return logits[0] if logits.shape[0] == 1 else logits
-        if not 1 <= layer <= n:
-            raise ValueError(f"layer must be in 1..{n} (or -1 / None for the last), got {layer}")
         try:
             with recompute, capture_layer_output(self.decoder_layers[layer - 1]):
                 self.model.model(**kw)

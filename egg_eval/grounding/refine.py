@@ -60,14 +60,27 @@ class EggConfig:
     activation_memory_gb: float | str | None = "auto"
 
     def __post_init__(self):
+        # the messages name the settings as `python -m egg_eval` spells them
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; choose one of {sorted(OBJECTIVES)}")
+            raise ValueError(
+                f"unknown objective {self.objective!r}; method.objective must be one of {sorted(OBJECTIVES)}"
+            )
         if self.stopping not in STOPPING_RULES:
-            raise ValueError(f"unknown stopping rule {self.stopping!r}; choose one of {STOPPING_RULES}")
-        if self.regions.top_k < 1:
-            raise ValueError("top_k must be >= 1")
-        if self.max_rounds < 1 or (self.stopping == "fixed" and self.n_rounds < 1):
-            raise ValueError("max_rounds and n_rounds must be >= 1")
+            raise ValueError(f"unknown stopping rule {self.stopping!r}; stopping.name must be one of {STOPPING_RULES}")
+        r = self.regions
+        bounds = (
+            ("token_index", self.token_index, 1),
+            ("top_k", r.top_k, 1),
+            ("max_rounds", self.max_rounds, 1),
+            ("sigma", r.sigma, 0),
+            ("min_size", r.min_size, 0),
+            ("max_aspect", r.max_aspect, 1),
+        )
+        for key, value, low in bounds:
+            if value < low:
+                raise ValueError(f"method.{key} must be >= {low}, got {value!r}")
+        if self.stopping == "fixed" and self.n_rounds < 1:
+            raise ValueError(f"stopping.n must be >= 1, got {self.n_rounds!r}")
         a = self.activation_memory_gb
         if not (a is None or a == "auto" or (isinstance(a, int | float) and not isinstance(a, bool) and a > 0)):
             raise ValueError(f"activation_memory_gb must be a positive number of GiB, 'auto' or null, got {a!r}")
