@@ -171,6 +171,7 @@ def iter_samples(
     """Stream ``Sample``s; POPE-style specs chain their sub-splits, each sample tagged with it."""
     split = split or spec.split
     subsets = spec.splits or (None,)
+    answers = spec.columns.get("answers", "answers")
     for subset in subsets:
         ds = _no_decode(
             _open_stream(spec.hf_id, spec.config_name, subset or split, spec.revision, path),
@@ -181,7 +182,6 @@ def iter_samples(
         for count, row in enumerate(ds, start=1):
             if limit is not None and count > limit:
                 break
-            answers = spec.columns.get("answers", "answers")
             if count == 1 and answers not in row:  # a test split's withheld answers, or a misnamed column
                 log.warning(
                     "%s: no column %r (dataset.columns.answers) in the rows %s: predictions only, nothing scored",
