@@ -165,6 +165,10 @@ def child(args):
     torch.set_num_threads(args.threads)
     t_load = time.perf_counter()
     backbone = load(args)
+    if args.stock_windows:
+        from egg_eval.backbones.qwen2_5_vl import group_vision_windows
+
+        group_vision_windows(backbone.model, False)
     load_s = time.perf_counter() - t_load
     cuda = backbone.device.type == "cuda"
     samples = list(rows(args.n + 1, seed=2000))
@@ -337,6 +341,11 @@ def main() -> None:
         metavar="N",
         help="also run N samples per method under torch.profiler and print their time by EGG's phases",
     )
+    ap.add_argument(
+        "--stock-windows",
+        action="store_true",
+        help="qwen25vl: the stock SDPA vision attention, one call per window (default: one per window length)",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -360,7 +369,9 @@ def main() -> None:
     van = results.get("vanilla")
     print(
         f"backbone={args.backbone} family={args.family} n={args.n} image={args.image_size or 320}px "
-        f"repeats={args.repeats} device={args.device} dtype={args.dtype} layers={args.layers or 'all'}\n"
+        f"repeats={args.repeats} device={args.device} dtype={args.dtype} layers={args.layers or 'all'}"
+        + (" vision-windows=stock" if args.stock_windows else "")
+        + "\n"
     )
     print(
         "| method | median s/sample | x vanilla | answer s | rest s | forward/sample | backward/sample | tower/sample "

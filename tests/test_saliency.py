@@ -163,6 +163,48 @@ def test_batched_grounding_runs_the_vision_tower_once(tiny_backbones, family, mo
             torch.testing.assert_close(a, b)
 
 
+def test_qwen_window_attention_is_batched_per_window_length_and_equals_the_stock_module(tiny_backbones, monkeypatch):
+    """Qwen2.5-VL's vision tower under SDPA: the windows of one length go through one SDPA
+    call (the stock module calls it once per window), giving the stock module's embeddings,
+    for one tower call over images whose windows have several lengths."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
+
+    from egg_eval.backbones.qwen2_5_vl import GroupedWindowAttention, group_vision_windows
+
+    bb = tiny_backbones["qwen25vl"]
+    attn = [blk.attn for blk in bb.model.model.visual.blocks]
+    assert all(type(a) is GroupedWindowAttention for a in attn)  # as loaded through from_pretrained
+    sizes = [(150, 100), (224, 224), (300, 60), (120, 90)]
+    enc = bb.image_inputs([bb.encode([noise_image(w, h, seed=i)], "q") for i, (w, h) in enumerate(sizes)])
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    with torch.no_grad():
+        grouped = bb._image_features(enc)
+        n_grouped, calls[:] = len(calls), []
+        try:
+            assert group_vision_windows(bb.model, False) == len(attn)
+            assert all(type(a) is Qwen2_5_VLVisionAttention for a in attn)
+            stock = bb._image_features(enc)
+        finally:
+            group_vision_windows(bb.model, True)
+    n_stock = len(calls)
+    vc = bb.model.config.vision_config
+    side = vc.window_size // vc.patch_size // vc.spatial_merge_size  # merged tokens per window side
+    grids = [(int(h) // 2, int(w) // 2) for _, h, w in enc["image_grid_thw"]]
+    windows = sum(-(-h // side) * -(-w // side) for h, w in grids)
+    n_full = len(vc.fullatt_block_indexes)
+    assert n_stock == (vc.depth - n_full) * windows + n_full * len(grids)  # one call per window / image
+    assert n_grouped < n_stock / 2
+    for a, b in zip(grouped, stock, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_views_of_different_lengths_are_right_padded_with_their_last_token(tiny_backbones):
     bb = tiny_backbones["qwen25vl"]  # token count follows the view's size
     encs = [bb.encode([noise_image(w, h)], "What is it?") for w, h in [(60, 80), (200, 200)]]
