@@ -143,6 +143,7 @@ def build(cfg: DictConfig):
 
     from egg_eval.backbones import load_backbone
     from egg_eval.backbones.tiny import save_tiny
+    from egg_eval.cachedir import built_once
     from egg_eval.data.benchmarks import iter_samples
     from egg_eval.data.toy import subset_dirname, write_toy_subset
     from egg_eval.grounding.refine import answer_by_likelihood, answer_with_views, run_egg, run_vanilla
@@ -158,9 +159,7 @@ def build(cfg: DictConfig):
     b = cfg.backbone
     path = b.path
     if b.get("tiny"):
-        path = Path(cfg.cache_dir) / f"tiny_{b.family}"
-        if not (path / "config.json").exists():
-            save_tiny(b.family, path, seed=cfg.seed)
+        path = built_once(Path(cfg.cache_dir) / f"tiny_{b.family}", lambda out: save_tiny(b.family, out, seed=cfg.seed))
     backbone = load_backbone(
         b.family,
         str(path) if path else None,
@@ -176,9 +175,9 @@ def build(cfg: DictConfig):
     data_path = d.get("path")
     if d.get("toy"):
         n = d.get("toy_n") or 4
-        data_path = Path(cfg.cache_dir) / "toy" / subset_dirname(d.toy, n)
-        if not data_path.exists():
-            write_toy_subset(d.toy, data_path, n=n)
+        data_path = built_once(
+            Path(cfg.cache_dir) / "toy" / subset_dirname(d.toy, n), lambda out: write_toy_subset(d.toy, out, n=n)
+        )
         if spec.boxes_id:  # the toy writes its side dataset of boxes next to the rows
             spec = dataclasses.replace(spec, boxes_path=str(data_path / "gt_bbox"))
     samples = iter_samples(spec, split=d.split, path=str(data_path) if data_path else None, limit=d.get("limit"))

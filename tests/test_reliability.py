@@ -20,6 +20,7 @@ from test_harness import cfg_for
 
 from egg_eval.cli import main
 from egg_eval.data.benchmarks import BenchmarkSpec, Sample, decode_image
+from egg_eval.data.toy import VERSIONS
 from egg_eval.grounding.refine import EggConfig, Refiner
 from egg_eval.grounding.saliency import Grounding
 from egg_eval.runner import RunInfo, run
@@ -354,3 +355,50 @@ def test_resume_refuses_other_settings_or_weights_and_allows_a_moved_checkpoint(
         cfg_for(tmp_path, *base[:2], f"backbone.path={moved}", "method.batch_views=false", "dataset.limit=3")
     )
     assert summary["n_samples"] == 3 and (run_dir / "records.jsonl").read_text().startswith(kept)
+
+
+BUILD_THEN_HANG = """
+import sys, time
+from pathlib import Path
+from egg_eval.cachedir import built_once
+
+def build(out):
+    (out / "half.txt").write_text("half")
+    time.sleep(120)
+
+built_once(Path(sys.argv[1]), build)
+"""
+
+
+def test_kill_9_while_a_cache_is_built_leaves_nothing_half_built(tmp_path):
+    """A run killed while it writes a toy dataset or a tiny checkpoint: the next run must not
+    take the half-written directory for a finished one (it used to: 'no test*.parquet')."""
+    from egg_eval.cachedir import built_once
+
+    target = tmp_path / "cache" / "toy" / "detail_12_v3"
+    proc = subprocess.Popen([sys.executable, "-c", BUILD_THEN_HANG, str(target)], cwd=ROOT)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(target.parent.glob(".detail_12_v3.partial-*/half.txt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(target.parent.glob(".detail_12_v3.partial-*/half.txt")), "the kill should land mid-build"
+    assert not target.exists()
+    calls = []
+    built = built_once(target, lambda out: calls.append(1) or (out / "test.parquet").write_text("rows"))
+    assert built == target and (target / "test.parquet").read_text() == "rows" and calls == [1]
+    built_once(target, lambda out: calls.append(1))  # complete: not built again
+    assert calls == [1]
+
+
+def test_a_cache_half_written_in_place_is_rebuilt(tmp_path):
+    """Caches that an earlier version left half-written in place (a toy dataset directory
+    without its parquet, a tiny checkpoint with only its config) are rebuilt, and the run
+    completes."""
+    cache = tmp_path / ".cache"
+    (cache / "toy" / f"detail_12_v{VERSIONS['detail']}").mkdir(parents=True)
+    (cache / "tiny_llava15").mkdir(parents=True)
+    (cache / "tiny_llava15" / "config.json").write_text("{}")
+    summary = main(cfg_for(tmp_path, "backbone=tiny", "dataset=detail", "dataset.toy_n=12", "method.max_rounds=2"))
+    assert summary["n_samples"] == 12 and summary["n_failures"] == 0
+    assert (cache / "tiny_llava15" / "model.safetensors").exists()
