@@ -384,9 +384,12 @@ def test_kill_9_while_a_cache_is_built_leaves_nothing_half_built(tmp_path):
     proc.wait()
     assert list(target.parent.glob(".detail_12_v3.partial-*/half.txt")), "the kill should land mid-build"
     assert not target.exists()
+    elsewhere = target.parent / ".detail_12_v3.partial-another.host-1-x"  # a build in progress on another host
+    elsewhere.mkdir()
     calls = []
     built = built_once(target, lambda out: calls.append(1) or (out / "test.parquet").write_text("rows"))
     assert built == target and (target / "test.parquet").read_text() == "rows" and calls == [1]
+    assert list(target.parent.glob(".detail_12_v3.partial-*")) == [elsewhere]  # the killed build's leftovers went
     built_once(target, lambda out: calls.append(1))  # complete: not built again
     assert calls == [1]
 
