@@ -143,9 +143,9 @@ def build(cfg: DictConfig):
 
     from egg_eval.backbones import load_backbone
     from egg_eval.backbones.tiny import save_tiny
-    from egg_eval.cachedir import built_once
     from egg_eval.data.benchmarks import iter_samples
     from egg_eval.data.toy import subset_dirname, write_toy_subset
+    from egg_eval.files import built_once
     from egg_eval.grounding.refine import answer_by_likelihood, answer_with_views, run_egg, run_vanilla
 
     # before anything loads: a mistyped setting fails now, not on every sample

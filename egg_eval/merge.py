@@ -18,6 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from egg_eval.files import write_atomic
 from egg_eval.runner import MANIFEST, RunInfo, check_manifest, finalize, fingerprint_changes, read_records
 
 SHARD = re.compile(r"^shard-(\d+)-of-(\d+)$")
@@ -61,9 +62,7 @@ def merge(run_dir: str | Path, tables_dir: str | Path | None = None) -> dict:
                 merged.append(rec)
     if prints[0]:
         check_manifest(run_dir, prints[0])
-    with open(run_dir / "records.jsonl", "w") as f:
-        for rec in merged:
-            f.write(json.dumps(rec) + "\n")
+    write_atomic(run_dir / "records.jsonl", "".join(json.dumps(rec) + "\n" for rec in merged))
     pics = run_dir / "pictures"
     for i in range(n):
         for png in (shards[i][1] / "pictures").glob("*.png"):
@@ -89,7 +88,7 @@ def merge(run_dir: str | Path, tables_dir: str | Path | None = None) -> dict:
     )
     summary = finalize(run_dir, info)
     summary["n_shards"] = n
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from typing import Any
 
 from egg_eval import metrics as M
 from egg_eval.data.benchmarks import BenchmarkSpec, Sample, prompt_for
+from egg_eval.files import write_atomic
 from egg_eval.types import Trace
 
 
@@ -77,9 +79,7 @@ def check_manifest(out: Path, fingerprint: dict) -> None:
                 "output directory (output_dir=... or output_root=...) for the new ones."
             )
         return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(new, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(new, indent=1, sort_keys=True))
 
 
 # --------------------------------------------------------------------- records
@@ -218,9 +218,7 @@ def write_submission(records: list[dict], spec: BenchmarkSpec, out_dir: Path) ->
         rows = [{"questionId": r["id"], "prediction": pred(r)} for r in records]
     else:
         return None
-    path = out_dir / f"submission_{spec.submission}.json"
-    path.write_text(json.dumps(rows, indent=1))
-    return path
+    return write_atomic(out_dir / f"submission_{spec.submission}.json", json.dumps(rows, indent=1))
 
 
 def _git_revision() -> str | None:
@@ -271,12 +269,13 @@ def append_table_row(tables_dir: Path, info: RunInfo, summary: dict) -> Path:
         "output_dir": str(info.output_dir),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(row))
+    if not path.exists():
+        w.writeheader()
+    w.writerow(row)
+    with open(path, "a", newline="") as f:  # one write: a killed run adds a whole row or none
+        f.write(text.getvalue())
     return path
 
 
@@ -373,7 +372,7 @@ def finalize(out: Path, info: RunInfo, loggers: list | None = None) -> dict:
         write_gallery(out, title=f"{info.spec.name} / {info.backbone} / {info.method}")
     sub = write_submission(records, info.spec, out)
     summary["submission_file"] = sub.name if sub else None
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
     if info.tables_dir is not None:
         append_table_row(info.tables_dir, info, summary)
     for lg in loggers or []:
@@ -396,7 +395,8 @@ def _picture(out: Path, sample: Sample, trace: Trace, limit: int, loggers: list)
         return
     try:
         path = pics / f"{safe_name(sample.id)}.png"
-        sample_figure(sample.image, trace, evidence=sample.bbox).save(path)
+        figure = sample_figure(sample.image, trace, evidence=sample.bbox)
+        write_atomic(path, lambda tmp: figure.save(tmp, format="PNG"))
     except Exception as e:  # pragma: no cover - drawing is best effort
         import logging
 

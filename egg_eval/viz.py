@@ -137,6 +137,6 @@ def write_gallery(out_dir: str | Path, records_path: str | Path | None = None, t
         "of the round. Thick red / orange: the selected regions, best first. Green: ground-truth evidence.</p>"
         + "".join(rows)
     )
-    path = out / "gallery.html"
-    path.write_text(page)
-    return path
+    from egg_eval.files import write_atomic
+
+    return write_atomic(out / "gallery.html", page)

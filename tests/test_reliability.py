@@ -360,7 +360,7 @@ def test_resume_refuses_other_settings_or_weights_and_allows_a_moved_checkpoint(
 BUILD_THEN_HANG = """
 import sys, time
 from pathlib import Path
-from egg_eval.cachedir import built_once
+from egg_eval.files import built_once
 
 def build(out):
     (out / "half.txt").write_text("half")
@@ -373,7 +373,7 @@ built_once(Path(sys.argv[1]), build)
 def test_kill_9_while_a_cache_is_built_leaves_nothing_half_built(tmp_path):
     """A run killed while it writes a toy dataset or a tiny checkpoint: the next run must not
     take the half-written directory for a finished one (it used to: 'no test*.parquet')."""
-    from egg_eval.cachedir import built_once
+    from egg_eval.files import built_once
 
     target = tmp_path / "cache" / "toy" / "detail_12_v3"
     proc = subprocess.Popen([sys.executable, "-c", BUILD_THEN_HANG, str(target)], cwd=ROOT)
@@ -405,3 +405,39 @@ def test_a_cache_half_written_in_place_is_rebuilt(tmp_path):
     summary = main(cfg_for(tmp_path, "backbone=tiny", "dataset=detail", "dataset.toy_n=12", "method.max_rounds=2"))
     assert summary["n_samples"] == 12 and summary["n_failures"] == 0
     assert (cache / "tiny_llava15" / "model.safetensors").exists()
+
+
+WRITE_THEN_HANG = """
+import sys, time
+from pathlib import Path
+from egg_eval.files import write_atomic
+
+def write(tmp):
+    tmp.write_text('{"score": 0.')
+    time.sleep(120)
+
+write_atomic(Path(sys.argv[1]), write)
+"""
+
+
+def test_kill_9_while_an_output_is_rewritten_leaves_the_old_one_whole(tmp_path):
+    """summary.json, the submission file, the gallery and the pictures are rewritten whole:
+    a kill mid-write leaves the previous file (a torn shard summary.json used to stop the merge)."""
+    from egg_eval.files import write_atomic
+
+    path = tmp_path / "summary.json"
+    write_atomic(path, json.dumps({"score": 0.5}))
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert path.stat().st_mode == plain.stat().st_mode  # the usual mode, not a temp file's 0600
+    proc = subprocess.Popen([sys.executable, "-c", WRITE_THEN_HANG, str(path)], cwd=ROOT)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob(".summary.json.*.tmp")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.glob(".summary.json.*.tmp")), "the kill should land mid-write"
+    assert json.loads(path.read_text()) == {"score": 0.5}
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["plain.json", "summary.json"]
+    write_atomic(path, json.dumps({"score": 0.75}))
+    assert json.loads(path.read_text()) == {"score": 0.75}

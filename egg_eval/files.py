@@ -1,5 +1,7 @@
-"""Directories built once and reused (the toy datasets, the tiny test checkpoints), built so
-that a run killed while building one leaves nothing half-built behind."""
+"""Files and folders written so that a run killed at any point (``kill -9``) leaves either
+the old or the new, never a torn one: outputs rewritten whole (summary, submission, gallery,
+pictures) and folders built once and reused (the toy datasets, the tiny test checkpoints).
+``records.jsonl``, which is appended to, has its own rule (``runner.read_records``)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 COMPLETE = ".complete"
+
+
+def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], object]) -> Path:
+    """Write ``data`` (text, bytes, or a function that writes a given path, which cannot
+    infer a format from that path's suffix) to a hidden sibling, then rename it over ``path``."""
+    path = Path(path)
+    # opened as usual (the umask's mode); ends in .tmp, so that no *.png or *.json glob sees it
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def built_once(path: str | Path, build: Callable[[Path], object]) -> Path:
