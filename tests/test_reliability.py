@@ -79,6 +79,9 @@ def test_decompression_bomb_and_corrupt_bytes_are_clear_errors():
     assert decode_image({"bytes": big, "path": None}, max_pixels=40_000).size == (200, 200)
     with pytest.raises(Exception, match=r"(?i)truncated|cannot identify|broken"):
         decode_image({"bytes": big[: len(big) // 2], "path": None})
+    for data in (b"", b"<html>404 Not Found</html>"):  # an empty cell, a saved error page
+        with pytest.raises(ValueError, match=rf"not an image PIL can read: {len(data)} bytes starting"):
+            decode_image({"bytes": data, "path": None})
 
 
 def _odd_dataset(path: Path) -> Path:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 OPEN_SUFFIX = "Answer the question using a single word or phrase."
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -92,6 +92,11 @@ def decode_image(value: Any, max_pixels: int | None = None) -> Image.Image:
                 raise ValueError(f"no image in value of type {type(value).__name__}")
     except Image.DecompressionBombError as e:
         raise ValueError(f"decompression-bomb guard: {e}") from None
+    except UnidentifiedImageError:  # PIL's message names only a BytesIO object
+        data = value.get("bytes") if isinstance(value, dict) else value
+        raw = isinstance(data, (bytes, bytearray))
+        what = f"{len(data)} bytes starting {bytes(data[:8])!r}" if raw else repr(value)
+        raise ValueError(f"not an image PIL can read: {what}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
     w, h = img.size
