@@ -198,7 +198,7 @@ def build(cfg: DictConfig):
 
 
 def main(cfg: DictConfig) -> dict:
-    from egg_eval.loggers import WandbLogger
+    from egg_eval.loggers import WandbLogger, folder_run_id
     from egg_eval.runner import RunInfo, run
 
     backbone, spec, samples, method = build(cfg)
@@ -217,6 +217,7 @@ def main(cfg: DictConfig) -> dict:
                 name=f"{spec.name}/{backbone.name}/{run_id(cfg)}",
                 mode=cfg.logger.get("mode"),
                 entity=cfg.logger.get("entity"),
+                run_id=folder_run_id(out),
             )
         )
     info = RunInfo(

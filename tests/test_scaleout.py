@@ -100,6 +100,38 @@ def test_wandb_offline_logs_a_run_with_pictures(tmp_path, monkeypatch):
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
 
 
+def test_a_resumed_run_logs_into_the_same_wandb_run_with_every_record(tmp_path, monkeypatch):
+    """Killed (here: cut short by dataset.limit) and resumed, a run folder keeps its wandb
+    run id, and the final samples table holds all its records, not only the resumed part's."""
+    import wandb
+
+    from egg_eval.loggers import ID_FILE
+
+    wandb.teardown()  # wandb keeps an earlier test's WANDB_DIR for the process otherwise
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tables = []
+
+    class Recorded(wandb.Table):  # wandb checks isinstance(x, wandb.Table)
+        def __init__(self, columns=None, data=None, **kw):
+            tables.append(data)
+            super().__init__(columns=columns, data=data, **kw)
+
+    monkeypatch.setattr(wandb, "Table", Recorded)
+    args = ("backbone=tiny", "dataset=detail_toy", "logger=wandb", "pictures=0", "method.max_rounds=2")
+    main(cfg_for(tmp_path, *args, "dataset.limit=2"))
+    summary = main(cfg_for(tmp_path, *args))
+    assert summary["n_samples"] == 4
+    run_id = next((tmp_path / "runs").glob(f"*/*/*/{ID_FILE}")).read_text()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(f"-{run_id}" in r.name for r in runs)  # "-1" added when in the same second
+    assert [len(t) for t in tables] == [2, 4]
+    other = tmp_path / "other"
+    main(cfg_for(other, *args, "dataset.limit=1"))  # another folder: another wandb run
+    assert next((other / "runs").glob(f"*/*/*/{ID_FILE}")).read_text() != run_id
+
+
 def test_slurm_launcher_config():
     cfg = OmegaConf.load(Path(CONFIG_DIR) / "hydra" / "launcher" / "slurm.yaml")
     assert cfg.defaults == ["submitit_slurm"] and cfg.gpus_per_node == 1 and cfg.array_parallelism > 0
