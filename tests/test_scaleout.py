@@ -135,10 +135,6 @@ def test_a_resumed_run_logs_into_the_same_wandb_run_with_every_record(tmp_path, 
 def test_slurm_launcher_config():
     cfg = OmegaConf.load(Path(CONFIG_DIR) / "hydra" / "launcher" / "slurm.yaml")
     assert cfg.defaults == ["submitit_slurm"] and cfg.gpus_per_node == 1 and cfg.array_parallelism > 0
-    try:
-        import hydra_plugins.hydra_submitit_launcher  # noqa: F401
-    except ImportError:  # the plugin is the optional `slurm` extra; the file is checked above
-        return
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -198,3 +194,20 @@ def test_merge_refuses_shards_run_with_other_settings(tmp_path):
     with pytest.raises(ValueError, match=r"shard 1 .*backbone\.max_new_tokens: 8 -> 3"):
         merge(run_dir)
     assert not (run_dir / "records.jsonl").exists()
+
+
+def test_a_sweep_runs_through_the_submitit_launcher(tmp_path):
+    """The job-array path end to end, with submitit's local executor standing in for SLURM
+    (same plugin, same pickled task function and config): each run of a sweep is a submitit
+    job, and each writes its own run folder."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "egg_eval", "-m", "backbone=tiny", "dataset=detail_toy", "method.top_k=1,2"]
+    cmd += ["hydra/launcher=submitit_local", "progress=false", "pictures=0", f"output_root={tmp_path / 'out'}"]
+    cmd += [f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    summaries = sorted((tmp_path / "out" / "runs").glob("*/*/*/summary.json"))
+    assert [p.parent.name.split("_")[2] for p in summaries] == ["k1", "k2"]
+    assert all(json.loads(p.read_text())["n_samples"] == 4 for p in summaries)
+    assert len(list((tmp_path / "sweep" / ".submitit").rglob("*_result.pkl"))) == 2  # submitit ran both jobs
