@@ -7,6 +7,8 @@
 # override them, e.g. --methods vanilla,egg --profile 0). Each family's table goes to
 # <out>/<family>.txt as it is produced (a run cut short keeps what it measured: bench.py
 # prints each method's numbers to stderr as they are taken).
+# WINDOWS=1 also times Qwen2.5-VL at 1024 px with the stock SDPA vision attention (one call per
+# window) and with the grouped one (one per window length), vanilla and EGG, 4 samples each.
 set -u
 out=${1:-results/bench/gpu_$(date +%F)}
 shift || true
@@ -21,3 +23,10 @@ for family in ${families//,/ }; do
         --threads 8 --n 8 --repeats 1 --methods vanilla,egg_reused_features,egg_reused_prefix,egg --profile 2 \
         "$@" 2>&1 | tee "$out/$family.txt"
 done
+if [ "${WINDOWS:-0}" != 0 ]; then
+    for w in grouped stock; do
+        flag=""; [ "$w" = stock ] && flag="--stock-windows"
+        python3 scripts/bench.py --backbone real --family qwen25vl --device cuda --dtype bfloat16 --threads 8 \
+            --n 4 --repeats 1 --methods vanilla,egg --image-size 1024 $flag 2>&1 | tee "$out/qwen25vl_1024_windows_$w.txt"
+    done
+fi
