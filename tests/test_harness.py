@@ -54,6 +54,11 @@ def test_every_config_file_composes(tmp_path, group):
         assert cfg[group].name
 
 
+def test_the_tiny_backbone_is_named_after_its_family(tmp_path):
+    assert cfg_for(tmp_path, "backbone=tiny").backbone.name == "tiny_llava15"
+    assert cfg_for(tmp_path, "backbone=tiny", "backbone.family=qwen25vl").backbone.name == "tiny_qwen25vl"
+
+
 def test_experiment_files_compose(tmp_path):
     for p in sorted((Path(CONFIG_DIR) / "experiment").glob("*.yaml")):
         cfg = cfg_for(tmp_path, f"+experiment={p.stem}")
