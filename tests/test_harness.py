@@ -220,6 +220,10 @@ def test_make_tables_prints_a_table_from_results(tmp_path):
     ).stdout
     assert "detail_toy" in out and "top_k" in out
     assert (tmp_path / "table_top_k.csv").read_text().count("\n") == 3  # header + K=1 + K=2
+    # the main table has no top_k key, but two top_k must not share a cell: it becomes a key
+    subprocess.run([sys.executable, str(script), "--results", str(tmp_path)], capture_output=True, check=True)
+    main_rows = (tmp_path / "table_main.csv").read_text().splitlines()
+    assert main_rows[0].startswith("backbone,method,stopping,top_k,") and len(main_rows) == 3
 
 
 def test_attention_implementation_is_a_backbone_setting(tmp_path):
