@@ -301,8 +301,16 @@ def run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list 
 
         bar = tqdm(desc=f"{info.spec.name}/{info.method}", unit="sample", initial=len(done))
     running = [r["metrics"].get(info.spec.metric) for r in records if r["metrics"].get(info.spec.metric) is not None]
+    seen: set[str] = set()  # ids of this stream so far: an id is a record's key, so it must be unique
     with open(rec_path, "a") as f:
         for sample in samples:
+            if sample.id in seen:
+                raise ValueError(
+                    f"sample id {sample.id!r} occurs twice in the dataset (question {sample.question!r} the second "
+                    "time): ids key the records, the resume and the submission file, so they must be unique. Point "
+                    "dataset.columns.id at a unique column. The records written so far are kept."
+                )
+            seen.add(sample.id)
             if sample.id in done:
                 if done[sample.id] not in (None, sample.question):
                     raise ValueError(

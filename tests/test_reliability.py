@@ -444,3 +444,26 @@ def test_kill_9_while_an_output_is_rewritten_leaves_the_old_one_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.json")) == ["plain.json", "summary.json"]
     write_atomic(path, json.dumps({"score": 0.75}))
     assert json.loads(path.read_text()) == {"score": 0.75}
+
+
+def test_an_id_twice_in_the_dataset_is_a_clear_error_that_keeps_the_records(tmp_path):
+    """Ids key the records and the resume: a repeated one used to read as 'the data changed
+    since that run' (another question) or was skipped unscored (the same question)."""
+    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Image as ImageFeature
+
+    img = {"bytes": png_bytes(Image.new("RGB", (120, 90), (200, 200, 200))), "path": None}
+    rows = {
+        "id": ["a", "b", "a", "c"],
+        "image": [img] * 4,
+        "question": ["What is the digit in the red square?", "Which colour?", "Is it red?", "How many?"],
+        "answers": [["1"]] * 4,
+    }
+    feats = Features({"id": Value("string"), "image": ImageFeature(), "question": Value("string")})
+    feats["answers"] = Sequence(Value("string"))
+    (tmp_path / "data").mkdir()
+    Dataset.from_dict(rows, features=feats).to_parquet(str(tmp_path / "data" / "test.parquet"))
+    args = ("backbone=tiny", "dataset=detail_toy", "~dataset.toy", f"dataset.path={tmp_path / 'data'}", "pictures=0")
+    with pytest.raises(ValueError, match=r"sample id 'a' occurs twice in the dataset.*dataset\.columns\.id"):
+        main(cfg_for(tmp_path, *args, "method.max_rounds=2"))
+    assert [r["id"] for r in _records(next((tmp_path / "runs").glob("*/*/*")))] == ["a", "b"]
