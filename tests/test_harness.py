@@ -294,3 +294,14 @@ def test_a_logit_lens_layer_beyond_the_model_is_refused_before_any_sample(tmp_pa
     with pytest.raises(ValueError, match=r"method\.layer must be in 1\.\.2"):
         main(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+def test_help_says_what_the_tool_is_and_lists_the_groups():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "egg_eval", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.startswith("egg_eval: Entropy-Gradient Grounding")
+    assert "backbone: internvl35, llava15, llava16, qwen25vl, tiny, toy" in out and "python -m egg_eval.merge" in out
