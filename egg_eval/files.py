@@ -41,9 +41,8 @@ def built_once(path: str | Path, build: Callable[[Path], object]) -> Path:
     building leaves only a hidden ``.<name>.partial-<host>-<pid>-*`` sibling, and the next
     run builds again and removes such siblings of its host's dead processes. A ``path``
     without the marker (a cache half-written by a version that wrote in place) is set aside
-    and rebuilt. Processes that build the same ``path`` at once (shards
-    on one machine) each build a copy; the first rename wins and the others' copies are
-    dropped."""
+    and rebuilt. Processes that build the same ``path`` at once (shards starting together)
+    each build a copy; the first rename wins and the others' copies are dropped."""
     path = Path(path)
     if (path / COMPLETE).exists():
         return path
