@@ -49,7 +49,23 @@ NOT_IN_RESULT = (
     "method.reuse_prefix",
     "method.checkpoint_layers",
     "method.activation_memory_gb",
+    "deterministic",
 )
+
+
+def set_deterministic(on: bool) -> None:
+    """``deterministic=true``: only deterministic kernels (cuBLAS with a fixed workspace, no
+    cuDNN autotuning, PyTorch's deterministic variants), so that two runs on one GPU give
+    bit-equal maps and predictions. A kernel with no deterministic variant warns and runs
+    (``warn_only``), and the warning names it. Off by default: it costs speed, and on CPU the
+    kernels are deterministic anyway."""
+    import torch
+
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: set before any GPU work
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.benchmark = False if on else torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic = on
 
 
 def run_fingerprint(resolved: dict, model: dict) -> dict:
@@ -156,6 +172,7 @@ def build(cfg: DictConfig):
         raise ValueError(f"dataset.protocol must be 'generate' or 'likelihood', got {protocol!r}")
     answer = answer_by_likelihood if protocol == "likelihood" else answer_with_views
     torch.manual_seed(cfg.seed)
+    set_deterministic(bool(cfg.get("deterministic", False)))
     b = cfg.backbone
     path = b.path
     if b.get("tiny"):

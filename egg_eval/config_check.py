@@ -73,6 +73,7 @@ class RunSchema:  # the top level's own settings
     output_dir: Optional[str] = None  # noqa: UP045
     cache_dir: str = ""
     pictures: int = 8
+    deterministic: bool = False
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")

@@ -9,6 +9,8 @@ For each family it builds the published 7B/8B architecture with random weights (
 * grounds three views of different sizes in one batched pass and one pass per view, and
   prints the largest relative difference of the maps (the batched path pads rows and reads
   each row at its own last position; it must give each view its own map);
+* grounds the whole image twice, by default and with ``deterministic=true``, and prints how
+  far the two maps are apart (0 = bit-equal runs);
 * prefills an answer prompt (the whole image, a crop, the question) on the KV cache that the
   whole image's grounding pass kept, and prints how far its last logits are from the full
   prompt's (``method.reuse_prefix``);
@@ -39,6 +41,7 @@ def check(family: str, layers: int, device: str, dtype: str) -> float:
     import torch
     from bench import load
 
+    from egg_eval.cli import set_deterministic
     from egg_eval.data.benchmarks import OPEN_SUFFIX
     from egg_eval.data.detail import rows
     from egg_eval.grounding.refine import EggConfig, run_egg, run_vanilla
@@ -59,6 +62,12 @@ def check(family: str, layers: int, device: str, dtype: str) -> float:
         assert np.isfinite(g.scores).all()
         worst = max(worst, float(np.abs(g.scores - one.scores).max() / max(one.scores.max(), 1e-30)))
     print(f"  views {[g.scores.shape[0] for g in batched]} tokens: batched vs one pass, max |diff| / max = {worst:.2e}")
+    for det in (False, True):  # run to run: are two identical grounding passes bit-equal (deterministic=...)?
+        set_deterministic(det)
+        a, b = token_saliency(bb, img, q), token_saliency(bb, img, q)
+        gap = float(np.abs(a.scores - b.scores).max() / max(a.scores.max(), 1e-30))
+        print(f"  the same grounding pass twice, deterministic={det}: max |diff| / max = {gap:.2e}")
+    set_deterministic(False)
     g = token_saliency(bb, img, q, keep_prefix=True)
     feats = [g.features, batched[1].features]
     enc = bb.encode_text(views[:2], q)

@@ -305,3 +305,31 @@ def test_help_says_what_the_tool_is_and_lists_the_groups():
     ).stdout
     assert out.startswith("egg_eval: Entropy-Gradient Grounding")
     assert "backbone: internvl35, llava15, llava16, qwen25vl, tiny, toy" in out and "python -m egg_eval.merge" in out
+
+
+def test_deterministic_mode_is_set_for_the_run_and_may_change_on_resume(tmp_path):
+    """``deterministic=true`` turns on deterministic kernels for the run (for GPUs; CPU
+    kernels are deterministic anyway, so the records are the same), and, like the device, it
+    is not a setting the records depend on: a resume may switch it."""
+    import torch
+
+    args = (
+        "backbone=tiny",
+        "dataset=detail_toy",
+        "method.max_rounds=2",
+        "pictures=0",
+        f"output_dir={tmp_path / 'run'}",
+    )
+    try:
+        main(cfg_for(tmp_path, *args, "deterministic=true", "dataset.limit=2"))
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        main(cfg_for(tmp_path, *args))  # resumes the same folder with it off
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    plain = tmp_path / "plain"
+    main(cfg_for(tmp_path, *args[:-1], f"output_dir={plain}"))
+    keep = ("id", "prediction", "metrics", "rounds")
+    a = [json.loads(x) for x in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (plain / "records.jsonl").read_text().splitlines()]
+    assert [{k: r[k] for k in keep} for r in a] == [{k: r[k] for k in keep} for r in b] and len(a) == 4
