@@ -11,6 +11,7 @@ runs next, also before anything loads.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -112,9 +113,18 @@ def check_config(cfg: DictConfig) -> None:
         import torch
 
         try:
-            torch.device(device)
+            dev = torch.device(device)
         except RuntimeError:
             raise ValueError(f"config backbone.device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+        if dev.type == "cuda":
+            n = torch.cuda.device_count()  # 0 on a CPU build of torch or with no GPU visible
+            if n == 0 or (dev.index or 0) >= n:
+                seen = "no CUDA device" if n == 0 else f"{n} CUDA device(s), cuda:0..cuda:{n - 1}"
+                raise ValueError(
+                    f"config backbone.device={device!r}, but this process sees {seen} "
+                    f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                    "use backbone.device=auto or cpu"
+                )
 
     path = b.get("path")
     if path and path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():

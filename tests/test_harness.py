@@ -267,6 +267,7 @@ def test_attention_implementation_is_a_backbone_setting(tmp_path):
         ("backbone.path=/no/such/checkpoint", r"backbone\.path: no such directory '/no/such/checkpoint'"),
         ("dataset.path=./no_such_parquet_dir", r"dataset\.path: no such file or directory"),
         ("logger=wandb logger.mode=offlin", r"logger\.mode must be one of"),
+        ("backbone.device=cuda:99", r"backbone\.device='cuda:99', but this process sees"),
     ],
 )
 def test_a_mistyped_setting_stops_the_run_before_any_sample(tmp_path, override, message):
