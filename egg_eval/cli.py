@@ -157,7 +157,7 @@ def build(cfg: DictConfig):
     """Backbone, spec, samples and the method callable from a composed config."""
     import torch
 
-    from egg_eval.backbones import load_backbone
+    from egg_eval.backbones import BACKBONES, load_backbone
     from egg_eval.backbones.tiny import save_tiny
     from egg_eval.data.benchmarks import iter_samples
     from egg_eval.data.toy import subset_dirname, write_toy_subset
@@ -177,16 +177,26 @@ def build(cfg: DictConfig):
     path = b.path
     if b.get("tiny"):
         path = built_once(Path(cfg.cache_dir) / f"tiny_{b.family}", lambda out: save_tiny(b.family, out, seed=cfg.seed))
-    backbone = load_backbone(
-        b.family,
-        str(path) if path else None,
-        dtype=b.dtype,
-        device=b.device,
-        revision=b.get("revision"),
-        attn_implementation=b.get("attn_implementation", "sdpa"),
-        max_new_tokens=b.max_new_tokens,
-        name=b.name,
-    )
+    try:
+        backbone = load_backbone(
+            b.family,
+            str(path) if path else None,
+            dtype=b.dtype,
+            device=b.device,
+            revision=b.get("revision"),
+            attn_implementation=b.get("attn_implementation", "sdpa"),
+            max_new_tokens=b.max_new_tokens,
+            name=b.name,
+        )
+    except OSError as e:  # transformers' message does not say which model it was loading
+        source = str(path) if path else BACKBONES[b.family].default_path
+        hint = (
+            ""
+            if Path(source).is_dir()
+            else f"\nWithout the hub: `hf download {source} --local-dir <dir>` where it is reachable, then pass "
+            "backbone.path=<dir>."
+        )
+        raise OSError(f"could not load backbone {b.name!r} from {source!r}: {e}{hint}") from e
     d = cfg.dataset
     spec = spec_from_config(d)
     data_path = d.get("path")

@@ -334,3 +334,16 @@ def test_deterministic_mode_is_set_for_the_run_and_may_change_on_resume(tmp_path
     a = [json.loads(x) for x in (tmp_path / "run" / "records.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (plain / "records.jsonl").read_text().splitlines()]
     assert [{k: r[k] for k in keep} for r in a] == [{k: r[k] for k in keep} for r in b] and len(a) == 4
+
+
+def test_a_backbone_that_cannot_be_loaded_is_named_with_what_to_do(tmp_path, monkeypatch):
+    """Offline, a hub id not in the cache: the error names the backbone and the id (the
+    transformers message alone names neither) and says how to run from a local copy."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = cfg_for(tmp_path, "backbone=qwen25vl", "backbone.path=egg-eval-tests/not-a-model", "dataset=detail_toy")
+    with pytest.raises(
+        OSError,
+        match=r"(?s)could not load backbone 'qwen25vl' from 'egg-eval-tests/not-a-model'.*"
+        r"hf download egg-eval-tests/not-a-model --local-dir <dir>.*backbone\.path=<dir>",
+    ):
+        main(cfg)
