@@ -109,3 +109,29 @@ def test_gt_boxes_side_dataset_converts_xywh_and_skips_bad_rows(tmp_path):
     ).to_parquet(str(tmp_path / "train.parquet"))
     spec = BenchmarkSpec(name="t", hf_id="x", split="validation", metric="vqa_accuracy", boxes_path=str(tmp_path))
     assert gt_boxes(spec) == {"1": [[10.0, 20.0, 15.0, 25.0]], "4": [[0.0, 0.0, 2.0, 3.0]]}
+
+
+def test_a_local_copy_of_a_hub_dataset_is_read_from_its_config_folder(tmp_path):
+    """``dataset.path`` at an ``hf download --repo-type dataset`` folder: the config's own
+    folder (DocVQA/, not InfographicVQA/ beside it) and the split's own files (test-*, not
+    testdev-*), as the hub names them."""
+    import shutil
+
+    from egg_eval.cli import spec_from_config
+    from egg_eval.data.benchmarks import iter_samples
+    from egg_eval.data.toy import write_toy_subset
+
+    hub = tmp_path / "hub"
+    for config, name, n in (("DocVQA", "docvqa", 4), ("InfographicVQA", "infovqa", 2)):
+        flat = write_toy_subset(name, tmp_path / name, n=n) or tmp_path / name
+        (hub / config).mkdir(parents=True)
+        for split in ("validation", "test"):
+            shutil.copy(flat / f"{split}.parquet", hub / config / f"{split}-00000-of-00001.parquet")
+    shutil.copy(hub / "DocVQA" / "validation-00000-of-00001.parquet", hub / "DocVQA" / "testdev-00000-of-00001.parquet")
+    spec = spec_from_config(cfg_for(tmp_path, "dataset=docvqa").dataset)
+    assert spec.config_name == "DocVQA"
+    assert len(list(iter_samples(spec, split="validation", path=str(hub)))) == 4
+    test = list(iter_samples(spec, split="test", path=str(hub)))
+    assert len(test) == 4 and all(not s.answers for s in test)  # test-*, not testdev-* (which has answers)
+    with pytest.raises(FileNotFoundError, match=r"no train\.parquet or train-\*\.parquet in .*DocVQA"):
+        next(iter_samples(spec, split="train", path=str(hub)))

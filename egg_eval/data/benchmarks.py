@@ -6,6 +6,7 @@ stopping the stream.
 
 from __future__ import annotations
 
+import glob
 import io
 import logging
 import re
@@ -125,6 +126,29 @@ def prompt_for(sample: Sample, kind: str) -> str:
     return f"{q}\n{OPEN_SUFFIX}"
 
 
+def _split_dirs(root: Path, config: str | None) -> list[Path]:
+    """Where a local copy of a hub dataset keeps a split's parquet files, most specific first:
+    ``<config>/`` (``hf download <id> --repo-type dataset --local-dir <root>`` of a dataset with
+    configs: lmms-lab's DocVQA/, Full/ of POPE, testdev_balanced_instructions/ of GQA), the
+    folder itself, ``data/`` (a dataset without configs)."""
+    return [d for d in ([root / config] if config else []) + [root, root / "data"] if d.is_dir()]
+
+
+def split_files(root: Path, config: str | None, split: str) -> list[Path]:
+    """The parquet files of ``split`` in the first of :func:`_split_dirs` that has any: named
+    ``<split>.parquet`` or ``<split>-NNNNN-of-NNNNN.parquet`` as the hub names them (so that
+    split ``test`` never takes ``testdev-*``), else, for other layouts, ``<split>*.parquet``."""
+    for d in _split_dirs(root, config):
+        files = sorted({*d.glob(f"{glob.escape(split)}.parquet"), *d.glob(f"{glob.escape(split)}-*.parquet")})
+        if files:
+            return files
+    for d in _split_dirs(root, config):
+        files = sorted(d.glob(f"{glob.escape(split)}*.parquet"))
+        if files:
+            return files
+    return []
+
+
 def _open_stream(source: str, config: str | None, split: str, revision: str | None, path: str | None):
     from datasets import Image as ImageFeature  # noqa: F401  (imported for side effects of features)
     from datasets import load_dataset, load_from_disk
@@ -137,9 +161,10 @@ def _open_stream(source: str, config: str | None, split: str, revision: str | No
             return load_from_disk(str(p / split)).to_iterable_dataset()
         if p.is_dir() and (p / "dataset_info.json").exists():
             return load_from_disk(str(p)).to_iterable_dataset()
-        files = sorted(p.glob(f"{split}*.parquet")) if p.is_dir() else [p]
+        files = split_files(p, config, split) if p.is_dir() else [p]
         if not files:
-            raise FileNotFoundError(f"no {split}*.parquet under {path}")
+            where = ", ".join(str(d) for d in _split_dirs(p, config))
+            raise FileNotFoundError(f"no {split}.parquet or {split}-*.parquet in {where}")
         return load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
     return load_dataset(source, config, split=split, revision=revision, streaming=True)
 
