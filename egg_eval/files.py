@@ -1,16 +1,18 @@
 """Files and folders written so that a run killed at any point (``kill -9``) leaves either
 the old or the new, never a torn one: outputs rewritten whole (summary, submission, gallery,
 pictures) and folders built once and reused (the toy datasets, the tiny test checkpoints).
-``records.jsonl``, which is appended to, has its own rule (``runner.read_records``)."""
+``records.jsonl``, which is appended to, has its own rule (``runner.read_records``), and
+one writer at a time (:func:`folder_lock`)."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 COMPLETE = ".complete"
@@ -85,3 +87,38 @@ def alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s writer lock (an ``flock`` on ``folder/.lock``) while inside, or stop at
+    once if another process holds it: two runs appending to one ``records.jsonl`` would
+    score samples twice. The system drops the lock when its process dies, ``kill -9``
+    included, so a killed run never leaves it held."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX: no lock
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RuntimeError(
+                f"{folder} is being written by another process ({holder}); two runs into one folder would "
+                "score samples twice. Let it finish (a rerun then resumes), or give this run another output_dir."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -25,7 +25,7 @@ from typing import Any
 
 from egg_eval import metrics as M
 from egg_eval.data.benchmarks import BenchmarkSpec, Sample, prompt_for
-from egg_eval.files import write_atomic
+from egg_eval.files import folder_lock, write_atomic
 from egg_eval.types import Trace
 
 
@@ -284,7 +284,13 @@ Method = Callable[[Any, str], tuple[str, Trace]]
 
 
 def run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list | None = None) -> dict:
-    """Process every sample not yet in ``records.jsonl``; return the summary."""
+    """Process every sample not yet in ``records.jsonl``; return the summary. One process at
+    a time per output folder (:func:`~egg_eval.files.folder_lock`)."""
+    with folder_lock(info.output_dir):
+        return _run(samples, method, info, loggers)
+
+
+def _run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list | None = None) -> dict:
     import torch
 
     loggers = loggers or []

@@ -467,3 +467,22 @@ def test_an_id_twice_in_the_dataset_is_a_clear_error_that_keeps_the_records(tmp_
     with pytest.raises(ValueError, match=r"sample id 'a' occurs twice in the dataset.*dataset\.columns\.id"):
         main(cfg_for(tmp_path, *args, "method.max_rounds=2"))
     assert [r["id"] for r in _records(next((tmp_path / "runs").glob("*/*/*")))] == ["a", "b"]
+
+
+def test_a_second_process_writing_the_same_run_folder_is_refused(tmp_path):
+    """Two runs appending to one records.jsonl (a job launched twice) would score samples
+    twice: the second stops before any sample, naming the holder; once the lock is free
+    (the holder finished or was killed: the system drops it) the run goes on."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    args = ("backbone=tiny", "dataset=detail_toy", "method.max_rounds=2", "pictures=0", f"output_dir={out}")
+    with open(out / ".lock", "a+") as held:  # another open file: flock conflicts even within one process
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12345 on node07\n")
+        held.flush()
+        with pytest.raises(RuntimeError, match=r"being written by another process \(pid 12345 on node07\)"):
+            main(cfg_for(tmp_path, *args))
+        assert not (out / "records.jsonl").exists()
+    assert main(cfg_for(tmp_path, *args))["n_samples"] == 4
