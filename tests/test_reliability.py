@@ -486,3 +486,29 @@ def test_a_second_process_writing_the_same_run_folder_is_refused(tmp_path):
             main(cfg_for(tmp_path, *args))
         assert not (out / "records.jsonl").exists()
     assert main(cfg_for(tmp_path, *args))["n_samples"] == 4
+
+
+def test_an_image_column_of_file_paths_is_read_relative_to_the_dataset(tmp_path):
+    """Custom datasets often store image paths, not bytes: an absolute path, one relative to
+    the dataset's folder, and a missing file (a per-sample error naming it)."""
+    from datasets import Dataset
+
+    from egg_eval.cli import spec_from_config
+    from egg_eval.data.benchmarks import iter_samples
+
+    data = tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(data / "imgs" / "red.png")
+    Image.new("L", (20, 10), 128).save(tmp_path / "grey.png")
+    rows = {
+        "id": ["rel", "abs", "gone"],
+        "image": ["imgs/red.png", str(tmp_path / "grey.png"), "imgs/gone.png"],
+        "question": ["What colour?"] * 3,
+        "answers": [["red"], ["grey"], ["?"]],
+    }
+    Dataset.from_dict(rows).to_parquet(str(data / "test.parquet"))
+    spec = spec_from_config(cfg_for(tmp_path, "dataset=detail_toy", "~dataset.toy").dataset)
+    got = {s.id: s for s in iter_samples(spec, split="test", path=str(data))}
+    assert got["rel"].image.size == (40, 30) and got["rel"].image.getpixel((0, 0)) == (255, 0, 0)
+    assert got["abs"].image.size == (20, 10) and got["abs"].image.mode == "RGB" and got["rel"].error is None
+    assert got["gone"].image is None and "No such file" in got["gone"].error and "gone.png" in got["gone"].error

@@ -68,8 +68,10 @@ class Sample:
     error: str | None = None
 
 
-def decode_image(value: Any, max_pixels: int | None = None) -> Image.Image:
-    """PIL image from a datasets Image value (decoded or ``{'bytes', 'path'}``), RGB, EXIF-upright.
+def decode_image(value: Any, max_pixels: int | None = None, base: Path | None = None) -> Image.Image:
+    """PIL image from a datasets Image value (decoded or ``{'bytes', 'path'}``) or a file path
+    (a string column; a relative path is taken from ``base``, the local dataset's folder),
+    RGB, EXIF-upright.
 
     Grayscale, palette, RGBA, CMYK and 16-bit images are converted to RGB (16-bit scaled
     to 8). An image above ``max_pixels`` (default: PIL's decompression-bomb limit,
@@ -86,7 +88,9 @@ def decode_image(value: Any, max_pixels: int | None = None) -> Image.Image:
             elif isinstance(value, dict) and value.get("bytes") is not None:
                 img = Image.open(io.BytesIO(value["bytes"]))
             elif isinstance(value, dict) and value.get("path"):
-                img = Image.open(value["path"])
+                img = Image.open(_resolve(value["path"], base))
+            elif isinstance(value, str) and value.strip():
+                img = Image.open(_resolve(value.strip(), base))
             elif isinstance(value, (bytes, bytearray)):
                 img = Image.open(io.BytesIO(value))
             else:
@@ -124,6 +128,11 @@ def prompt_for(sample: Sample, kind: str) -> str:
             q += "\n" + "\n".join(f"({chr(65 + i)}) {o}" for i, o in enumerate(sample.options))
         return f"{q}\n{MC_SUFFIX}" if MC_SUFFIX.lower() not in q.lower() else q
     return f"{q}\n{OPEN_SUFFIX}"
+
+
+def _resolve(path: str, base: Path | None) -> Path:
+    p = Path(path).expanduser()
+    return base / p if base is not None and not p.is_absolute() else p
 
 
 def _split_dirs(root: Path, config: str | None) -> list[Path]:
@@ -202,6 +211,7 @@ def iter_samples(
     split = split or spec.split
     subsets = spec.splits or (None,)
     answers = spec.columns.get("answers", "answers")
+    base = None if path is None else (Path(path) if Path(path).is_dir() else Path(path).parent)  # for relative paths
     for subset in subsets:
         ds = _no_decode(
             _open_stream(spec.hf_id, spec.config_name, subset or split, spec.revision, path),
@@ -221,7 +231,7 @@ def iter_samples(
                 )
             if spec.columns.get("id") == "__index__":
                 row = {**row, "__index__": count - 1}
-            sample = _to_sample(row, spec, subset, images)
+            sample = _to_sample(row, spec, subset, images, base)
             if boxes is not None and sample.bbox is None:
                 sample.bbox = boxes.get(sample.id)
             yield sample
@@ -260,7 +270,9 @@ def _xyxy(b, fmt: str) -> list[float]:
     return [x0, y0, x0 + a, y0 + b_] if fmt == "xywh" else [x0, y0, a, b_]
 
 
-def _to_sample(row: dict, spec: BenchmarkSpec, subset: str | None, images: dict | None) -> Sample:
+def _to_sample(
+    row: dict, spec: BenchmarkSpec, subset: str | None, images: dict | None, base: Path | None = None
+) -> Sample:
     sid = str(_col(row, spec, "id"))
     question = _col(row, spec, "question")
     answers = _as_list(_col(row, spec, "answers", required=False))
@@ -279,7 +291,7 @@ def _to_sample(row: dict, spec: BenchmarkSpec, subset: str | None, images: dict 
         if not sample.question.strip():
             raise ValueError("empty question")
         raw = images[str(_col(row, spec, "image_id"))] if images is not None else _col(row, spec, "image")
-        sample.image = decode_image(raw, spec.max_pixels)
+        sample.image = decode_image(raw, spec.max_pixels, base)
     except Exception as e:  # recorded per sample; the stream goes on
         sample.error = f"{type(e).__name__}: {e}"
     return sample
