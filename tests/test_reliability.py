@@ -501,10 +501,10 @@ def test_an_image_column_of_file_paths_is_read_relative_to_the_dataset(tmp_path)
     Image.new("RGB", (40, 30), (255, 0, 0)).save(data / "imgs" / "red.png")
     Image.new("L", (20, 10), 128).save(tmp_path / "grey.png")
     rows = {
-        "id": ["rel", "abs", "gone"],
-        "image": ["imgs/red.png", str(tmp_path / "grey.png"), "imgs/gone.png"],
-        "question": ["What colour?"] * 3,
-        "answers": [["red"], ["grey"], ["?"]],
+        "id": ["rel", "abs", "gone", "url"],
+        "image": ["imgs/red.png", str(tmp_path / "grey.png"), "imgs/gone.png", "https://example.org/x.jpg"],
+        "question": ["What colour?"] * 4,
+        "answers": [["red"], ["grey"], ["?"], ["?"]],
     }
     Dataset.from_dict(rows).to_parquet(str(data / "test.parquet"))
     spec = spec_from_config(cfg_for(tmp_path, "dataset=detail_toy", "~dataset.toy").dataset)
@@ -512,3 +512,4 @@ def test_an_image_column_of_file_paths_is_read_relative_to_the_dataset(tmp_path)
     assert got["rel"].image.size == (40, 30) and got["rel"].image.getpixel((0, 0)) == (255, 0, 0)
     assert got["abs"].image.size == (20, 10) and got["abs"].image.mode == "RGB" and got["rel"].error is None
     assert got["gone"].image is None and "No such file" in got["gone"].error and "gone.png" in got["gone"].error
+    assert got["url"].image is None and "is a URL" in got["url"].error

@@ -131,6 +131,8 @@ def prompt_for(sample: Sample, kind: str) -> str:
 
 
 def _resolve(path: str, base: Path | None) -> Path:
+    if re.match(r"^[a-z][a-z0-9+.-]*://", path, re.I):
+        raise ValueError(f"image {path!r} is a URL: images are read from files or bytes, not fetched")
     p = Path(path).expanduser()
     return base / p if base is not None and not p.is_absolute() else p
 
