@@ -11,6 +11,7 @@ row in ``results/tables/<dataset>.csv``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from egg_eval.files import write_atomic
+from egg_eval.files import folder_lock, write_atomic
 from egg_eval.runner import MANIFEST, RunInfo, check_manifest, finalize, fingerprint_changes, read_records
 
 SHARD = re.compile(r"^shard-(\d+)-of-(\d+)$")
@@ -40,6 +41,14 @@ def merge(run_dir: str | Path, tables_dir: str | Path | None = None) -> dict:
     missing = sorted(set(range(n)) - set(shards))
     if missing:
         raise FileNotFoundError(f"shards {missing} of {n} are missing under {run_dir}")
+    with contextlib.ExitStack() as held:  # a shard still being written (or rerun) stops the merge
+        for i in range(n):
+            held.enter_context(folder_lock(shards[i][1]))
+        held.enter_context(folder_lock(run_dir))
+        return _merge(run_dir, shards, n, tables_dir)
+
+
+def _merge(run_dir: Path, shards: dict, n: int, tables_dir: str | Path | None) -> dict:
     prints = [json.loads(p.read_text()) if (p := shards[i][1] / MANIFEST).exists() else None for i in range(n)]
     for i in range(1, n):
         changes = fingerprint_changes(prints[0], prints[i]) if prints[0] and prints[i] else []

@@ -39,6 +39,12 @@ def test_shards_merge_into_the_unsharded_run(tmp_path):
     a, b = _records(full_dir / "records.jsonl"), _records(run_dir / "records.jsonl")
     assert [{k: r[k] for k in STABLE} for r in a] == [{k: r[k] for k in STABLE} for r in b]
     assert (merged["score"], merged["n_samples"], merged["n_shards"]) == (full["score"], 4, 3)
+    import fcntl
+
+    with open(run_dir / "shard-1-of-3" / ".lock", "a+") as held:  # shard 1 rerun and still writing
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RuntimeError, match=r"shard-1-of-3 is being written by another process"):
+            merge(run_dir, tables_dir=tmp_path / "sh" / "tables")
     assert json.loads((run_dir / "submission_evalai.json").read_text()) == json.loads(
         (full_dir / "submission_evalai.json").read_text()
     )
