@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import shutil
 import socket
@@ -15,7 +16,13 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX
+    fcntl = None  # type: ignore[assignment]
+
 COMPLETE = ".complete"
+log = logging.getLogger("egg_eval")
 
 
 def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], object]) -> Path:
@@ -92,21 +99,23 @@ def alive(pid: int) -> bool:
 LOCK = ".lock"
 
 
+def _flock(f, operation: int) -> None:
+    fcntl.flock(f, operation)
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
     """Hold ``folder``'s writer lock (an ``flock`` on ``folder/.lock``) while inside, or stop at
     once if another process holds it: two runs appending to one ``records.jsonl`` would
     score samples twice. The system drops the lock when its process dies, ``kill -9``
     included, so a killed run never leaves it held."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on POSIX: no lock
+    if fcntl is None:  # pragma: no cover - not on POSIX: no lock
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK, "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
@@ -114,6 +123,10 @@ def folder_lock(folder: Path) -> Iterator[None]:
                 f"{folder} is being written by another process ({holder}); two runs into one folder would "
                 "score samples twice. Let it finish (a rerun then resumes), or give this run another output_dir."
             ) from None
+        except OSError as e:  # a file system without locks (some NFS mounts: ENOLCK): run unguarded
+            log.warning("no lock on %s (%s): make sure one process at a time writes it", folder, e)
+            yield
+            return
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -121,4 +134,4 @@ def folder_lock(folder: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            _flock(f, fcntl.LOCK_UN)

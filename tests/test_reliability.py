@@ -513,3 +513,19 @@ def test_an_image_column_of_file_paths_is_read_relative_to_the_dataset(tmp_path)
     assert got["abs"].image.size == (20, 10) and got["abs"].image.mode == "RGB" and got["rel"].error is None
     assert got["gone"].image is None and "No such file" in got["gone"].error and "gone.png" in got["gone"].error
     assert got["url"].image is None and "is a URL" in got["url"].error
+
+
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Some NFS mounts refuse flock (ENOLCK): the run must not fail for it."""
+    import errno
+
+    import egg_eval.files
+
+    def refuse(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(egg_eval.files, "_flock", refuse)  # the run's own lock only (datasets locks too)
+    with caplog.at_level("WARNING", logger="egg_eval"):
+        summary = main(cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", "method.max_rounds=2", "pictures=0"))
+    assert summary["n_samples"] == 4
+    assert any("no lock on" in r.getMessage() and "No locks available" in r.getMessage() for r in caplog.records)
