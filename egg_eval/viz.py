@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +108,8 @@ def sample_figure(image: Image.Image, trace: Trace, evidence=None, panel: int = 
 
 def write_gallery(out_dir: str | Path, records_path: str | Path | None = None, title: str = "egg_eval run") -> Path:
     """``out_dir/gallery.html``: every ``pictures/*.png`` of a run beside its record."""
+    from egg_eval.runner import safe_name  # the pictures' file names: the lookup must use the same
+
     out = Path(out_dir)
     records = {}
     rp = Path(records_path) if records_path else out / "records.jsonl"
@@ -118,7 +119,7 @@ def write_gallery(out_dir: str | Path, records_path: str | Path | None = None, t
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            records[re.sub(r"[^A-Za-z0-9_.-]", "_", str(r.get("id")))[:150]] = r
+            records[safe_name(r.get("id"))] = r
     rows = []
     for png in sorted((out / "pictures").glob("*.png")):
         r = records.get(png.stem, {})
