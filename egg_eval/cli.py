@@ -50,6 +50,8 @@ NOT_IN_RESULT = (
     "method.checkpoint_layers",
     "method.activation_memory_gb",
     "deterministic",
+    "retry_failed",
+    "max_failures_in_a_row",
 )
 
 
@@ -258,6 +260,8 @@ def main(cfg: DictConfig) -> dict:
         model_revision=backbone.revision,
         progress=cfg.progress,
         pictures=cfg.get("pictures") or 0,
+        retry_failed=cfg.get("retry_failed", True),
+        max_failures_in_a_row=cfg.get("max_failures_in_a_row", 50),
         fingerprint=run_fingerprint(resolved, backbone.fingerprint()),
     )
     summary = run(samples, method, info, loggers)

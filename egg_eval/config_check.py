@@ -75,6 +75,8 @@ class RunSchema:  # the top level's own settings
     cache_dir: str = ""
     pictures: int = 8
     deterministic: bool = False
+    retry_failed: bool = True
+    max_failures_in_a_row: int = 50
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -102,6 +104,7 @@ def check_config(cfg: DictConfig) -> None:
     _typed("", RunSchema, top)
     _typed("shard", ShardSchema, c.get("shard") or {})
     _at_least("pictures", top.get("pictures"), 0)
+    _at_least("max_failures_in_a_row", top.get("max_failures_in_a_row"), 0)
 
     b = c["backbone"]
     _typed("backbone", BackboneSchema, b)

@@ -36,6 +36,8 @@ def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], object])
             data(tmp)
         else:
             tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        with open(tmp, "rb") as f:  # on disk before it replaces the old one (a power cut keeps one of the two)
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -42,6 +42,8 @@ class RunInfo:
     progress: bool = True
     pictures: int = 0  # draw the first N samples (saliency overlay + boxes per round) into pictures/
     fingerprint: dict[str, Any] | None = None  # what the records depend on; checked on resume (run.json)
+    retry_failed: bool = True  # a rerun computes again the samples whose record holds an error
+    max_failures_in_a_row: int = 50  # stop when this many model calls fail in a row (0: never)
 
 
 # -------------------------------------------------------------------- manifest
@@ -300,6 +302,8 @@ def _run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list
         check_manifest(out, info.fingerprint)
     rec_path = out / "records.jsonl"
     records = read_records(rec_path)
+    if info.retry_failed:
+        records = _drop_failed(rec_path, records)
     done = {r["id"]: r.get("question") for r in records}  # id -> the question it was asked with
     bar = None
     if info.progress:
@@ -308,6 +312,7 @@ def _run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list
         bar = tqdm(desc=f"{info.spec.name}/{info.method}", unit="sample", initial=len(done))
     running = [r["metrics"].get(info.spec.metric) for r in records if r["metrics"].get(info.spec.metric) is not None]
     seen: set[str] = set()  # ids of this stream so far: an id is a record's key, so it must be unique
+    streak: list[str] = []  # the model-call errors since the last sample the model answered
     with open(rec_path, "a") as f:
         for sample in samples:
             if sample.id in seen:
@@ -327,16 +332,20 @@ def _run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list
                     )
                 continue
             t0 = time.perf_counter()
-            prediction, trace, error = None, None, sample.error
+            prediction, trace, error, fatal = None, None, sample.error, False
             if error is None:
                 try:
                     prediction, trace = method(sample.image, prompt_for(sample, info.spec.kind))
+                    streak.clear()
                 except torch.OutOfMemoryError as e:  # recorded; the run goes on
                     error = f"OutOfMemoryError: {str(e)[:200]}"
+                    streak.append(error)
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                 except Exception as e:
                     error = f"{type(e).__name__}: {e}"
+                    streak.append(error)
+                    fatal = _device_broken(e)
             rec = make_record(sample, prediction, trace, error, info.spec, time.perf_counter() - t0)
             if info.pictures and trace is not None and trace.rounds:
                 _picture(out, sample, trace, info.pictures, loggers)
@@ -355,9 +364,58 @@ def _run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list
                 bar.set_postfix(
                     acc=f"{sum(running) / len(running):.3f}" if running else "-", s_per=f"{rec['time_s']:.2f}"
                 )
+            if fatal or (info.max_failures_in_a_row and len(streak) >= info.max_failures_in_a_row):
+                if bar is not None:
+                    bar.close()
+                raise RuntimeError(_stop_message(sample.id, streak, fatal, rec_path, len(records)))
     if bar is not None:
         bar.close()
     return finalize(out, info, loggers)
+
+
+def _drop_failed(rec_path: Path, records: list[dict]) -> list[dict]:
+    """The records without those that hold an error, written back whole (atomically) so that
+    the rerun computes those samples again: an out-of-memory sample may fit on a larger GPU, and
+    a run stopped by a broken device recorded the sample it broke on."""
+    kept = [r for r in records if r.get("error") is None]
+    if len(kept) < len(records):
+        import logging
+
+        logging.getLogger("egg_eval").info(
+            "%s: retrying %d sample(s) that failed before (retry_failed=false keeps their errors)",
+            rec_path.parent,
+            len(records) - len(kept),
+        )
+        write_atomic(rec_path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def _device_broken(e: Exception) -> bool:
+    """A CUDA error other than out-of-memory (a device-side assert, an illegal memory access)
+    leaves the process's CUDA context unusable: every later sample would fail with it."""
+    import torch
+
+    accel = getattr(torch, "AcceleratorError", ())
+    text = str(e)
+    return (isinstance(e, accel) or "CUDA error" in text) and "out of memory" not in text
+
+
+def _stop_message(sample_id: str, streak: list[str], fatal: bool, rec_path: Path, n_records: int) -> str:
+    if fatal:
+        why = (
+            f"sample {sample_id!r} raised a device error ({streak[-1][:300]}), after which this process "
+            "cannot use the GPU again"
+        )
+    else:
+        why = (
+            f"the last {len(streak)} samples all failed in the model (the last, {sample_id!r}: {streak[-1][:300]}), "
+            "which points at the model, the device or the settings rather than at the samples "
+            "(max_failures_in_a_row sets how many; 0 never stops)"
+        )
+    return (
+        f"stopped: {why}. The {n_records} records in {rec_path} are kept; rerunning the same command resumes "
+        "the run and computes the failed samples again (retry_failed=false keeps their errors and goes on past them)."
+    )
 
 
 def finalize(out: Path, info: RunInfo, loggers: list | None = None) -> dict:

@@ -263,6 +263,8 @@ def test_attention_implementation_is_a_backbone_setting(tmp_path):
         ("backbone.device=gpu", r"backbone\.device must be auto, cpu, cuda"),
         ("pictures=some", r"config pictures: .* Integer"),
         ("seed=abc", r"config seed: .* Integer"),
+        ("retry_failed=maybe", r"config retry_failed: Value 'maybe' is not a valid bool"),
+        ("max_failures_in_a_row=-1", r"config max_failures_in_a_row must be >= 0"),
         ("shard.count=two", r"shard\.count: .* Integer"),
         ("backbone.path=/no/such/checkpoint", r"backbone\.path: no such directory '/no/such/checkpoint'"),
         ("dataset.path=./no_such_parquet_dir", r"dataset\.path: no such file or directory"),

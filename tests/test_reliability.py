@@ -179,6 +179,88 @@ def test_out_of_memory_on_one_sample_is_recorded_and_the_run_goes_on(tmp_path):
     assert summary["n_failures"] == 1 and summary["score"] == pytest.approx(2 / 3)
 
 
+def _records(folder):
+    return [json.loads(x) for x in (folder / "records.jsonl").read_text().splitlines()]
+
+
+def _answers_a(image, text):
+    return "a", Trace(image_size=image.size, final_views=[Box.of_image(*image.size)])
+
+
+@pytest.mark.parametrize("retry", [True, False])
+def test_a_rerun_computes_the_failed_samples_again_unless_told_not_to(tmp_path, retry):
+    spec = BenchmarkSpec(name="t", hf_id="x", split="test", metric="exact_match")
+    samples = [Sample(id=str(i), question="q", image=Image.new("RGB", (8, 8)), answers=["a"]) for i in range(4)]
+
+    def oom_on_1(image, text):
+        if oom_on_1.n == 1:
+            oom_on_1.n += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        oom_on_1.n += 1
+        return _answers_a(image, text)
+
+    oom_on_1.n = 0
+    info = RunInfo(output_dir=tmp_path, spec=spec, method="m", backbone="b", progress=False, retry_failed=retry)
+    assert run(samples, oom_on_1, info)["n_failures"] == 1
+    calls = []
+
+    def on_a_larger_gpu(image, text):
+        calls.append(text)
+        return _answers_a(image, text)
+
+    summary = run(samples, on_a_larger_gpu, info)
+    recs = _records(tmp_path)
+    assert sorted(r["id"] for r in recs) == ["0", "1", "2", "3"]  # one record per sample, none twice
+    if retry:
+        assert len(calls) == 1 and summary["n_failures"] == 0 and summary["score"] == 1.0
+        assert next(r for r in recs if r["id"] == "1")["prediction"] == "a"
+    else:
+        assert calls == [] and summary["n_failures"] == 1 and summary["score"] == pytest.approx(3 / 4)
+
+
+def test_a_run_whose_model_calls_keep_failing_stops_and_keeps_its_records(tmp_path):
+    """Failures in a row stop the run (a broken model or device would otherwise fail every
+    sample of a long job); a sample the model answers resets the count, and a data error
+    (an unreadable image) never counts. The rerun resumes and retries the failed ones."""
+    spec = BenchmarkSpec(name="t", hf_id="x", split="test", metric="exact_match")
+    samples = [Sample(id=str(i), question="q", image=Image.new("RGB", (8, 8)), answers=["a"]) for i in range(8)]
+    samples[3] = Sample(id="3", question="q", image=None, answers=["a"], error="UnidentifiedImageError: not an image")
+
+    def broken(image, text):  # answers sample 0 only, then fails on every call
+        broken.n += 1
+        if broken.n == 1:
+            return _answers_a(image, text)
+        raise ValueError("weights and processor do not match")
+
+    broken.n = 0
+    info = RunInfo(output_dir=tmp_path, spec=spec, method="m", backbone="b", progress=False, max_failures_in_a_row=3)
+    with pytest.raises(RuntimeError, match=r"last 3 samples all failed.*'4'.*weights and processor do not match"):
+        run(samples, broken, info)
+    recs = _records(tmp_path)
+    assert [r["id"] for r in recs] == ["0", "1", "2", "3", "4"]  # 1, 2, 4 failed in the model; 3's image is unreadable
+    assert recs[0]["error"] is None and all(r["error"] for r in recs[1:])
+    summary = run(samples, _answers_a, info)
+    assert summary["n_samples"] == 8 and summary["n_failures"] == 1 and summary["score"] == pytest.approx(7 / 8)
+
+
+def test_a_cuda_error_that_breaks_the_device_stops_the_run_at_once(tmp_path):
+    spec = BenchmarkSpec(name="t", hf_id="x", split="test", metric="exact_match")
+    samples = [Sample(id=str(i), question="q", image=Image.new("RGB", (8, 8)), answers=["a"]) for i in range(4)]
+
+    def assert_on_1(image, text):
+        assert_on_1.n += 1
+        if assert_on_1.n == 2:
+            raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+        return _answers_a(image, text)
+
+    assert_on_1.n = 0
+    info = RunInfo(output_dir=tmp_path, spec=spec, method="m", backbone="b", progress=False)
+    with pytest.raises(RuntimeError, match="sample '1' raised a device error"):
+        run(samples, assert_on_1, info)
+    assert [r["id"] for r in _records(tmp_path)] == ["0", "1"] and assert_on_1.n == 2
+    assert run(samples, _answers_a, info)["n_failures"] == 0
+
+
 def _oom_when(backbone, monkeypatch, condition):
     """Make the backbone's grounding forward raise CUDA's out-of-memory error where ``condition``."""
     real = backbone.next_token_logits
