@@ -251,6 +251,7 @@ def append_table_row(tables_dir: Path, info: RunInfo, summary: dict) -> Path:
     path = tables_dir / f"{info.spec.name}.csv"
     cfg = info.config
     method = cfg.get("method", {})
+    stopping = cfg.get("stopping", {}) if method.get("name", info.method) != "vanilla" else {}
     row = {
         "dataset": info.spec.name,
         "backbone": info.backbone,
@@ -260,8 +261,9 @@ def append_table_row(tables_dir: Path, info: RunInfo, summary: dict) -> Path:
         "layer": method.get("layer"),
         "token_index": method.get("token_index"),
         "sigma": method.get("sigma"),
-        "stopping": cfg.get("stopping", {}).get("name"),
-        "n_rounds": cfg.get("stopping", {}).get("n"),
+        # the stopping group is composed for every method, but only EGG has rounds to stop
+        "stopping": stopping.get("name"),
+        "n_rounds": stopping.get("n"),
         "metric": info.spec.metric,
         "score": summary.get("score"),
         "n_samples": summary["n_samples"],

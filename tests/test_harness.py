@@ -224,6 +224,11 @@ def test_make_tables_prints_a_table_from_results(tmp_path):
     subprocess.run([sys.executable, str(script), "--results", str(tmp_path)], capture_output=True, check=True)
     main_rows = (tmp_path / "table_main.csv").read_text().splitlines()
     assert main_rows[0].startswith("backbone,method,stopping,top_k,") and len(main_rows) == 3
+    # the plain model has no rounds: its row names no stopping rule (the group is composed anyway)
+    main(cfg_for(tmp_path, "dataset=detail_toy", "method=vanilla"))
+    subprocess.run([sys.executable, str(script), "--results", str(tmp_path)], capture_output=True, check=True)
+    vanilla = [r for r in (tmp_path / "table_main.csv").read_text().splitlines() if ",vanilla," in r]
+    assert len(vanilla) == 1 and vanilla[0].split(",")[2:4] == ["-", "-"]
 
 
 def test_attention_implementation_is_a_backbone_setting(tmp_path):
