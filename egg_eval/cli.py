@@ -228,7 +228,7 @@ def build(cfg: DictConfig):
 
 def main(cfg: DictConfig) -> dict:
     from egg_eval.loggers import WandbLogger, folder_run_id
-    from egg_eval.runner import RunInfo, run
+    from egg_eval.runner import RunInfo, run, score_text
 
     backbone, spec, samples, method = build(cfg)
     default_out = Path(cfg.output_root) / "runs" / spec.name / backbone.name / run_id(cfg)
@@ -277,7 +277,7 @@ def main(cfg: DictConfig) -> dict:
         out,
     )
     print(
-        f"{spec.name} | {backbone.name} | {run_id(cfg)} | {spec.metric} = {summary.get('score')} "
+        f"{spec.name} | {backbone.name} | {run_id(cfg)} | {score_text(summary)} "
         f"| samples {summary['n_samples']} | failures {summary['n_failures']} | "
         f"{summary.get('mean_time_s', 0):.2f} s/sample | {out}"
     )

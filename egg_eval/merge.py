@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from egg_eval.files import folder_lock, write_atomic
-from egg_eval.runner import MANIFEST, RunInfo, check_manifest, finalize, fingerprint_changes, read_records
+from egg_eval.runner import MANIFEST, RunInfo, check_manifest, finalize, fingerprint_changes, read_records, score_text
 
 SHARD = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     s = merge(args.run_dir, args.tables)
     print(
-        f"merged {s['n_shards']} shards: {s['dataset']} | {s['backbone']} | {s['metric']} = {s.get('score')} "
+        f"merged {s['n_shards']} shards: {s['dataset']} | {s['backbone']} | {score_text(s)} "
         f"| samples {s['n_samples']} | failures {s['n_failures']} | {args.run_dir}"
     )
 

@@ -454,6 +454,16 @@ def finalize(out: Path, info: RunInfo, loggers: list | None = None) -> dict:
     return summary
 
 
+def score_text(summary: dict) -> str:
+    """The run's score as its one printed line shows it: ``exact_match = 66.67%``, in percent
+    like the paper's tables, or the reason there is none."""
+    score = summary.get("score")
+    if score is None:
+        why = "no public answers in this split" if summary.get("n_samples") else "no samples"
+        return f"{summary.get('metric')} = - ({why})"
+    return f"{summary.get('metric')} = {100 * score:.2f}%"
+
+
 def safe_name(sample_id: str) -> str:
     """A file name for a sample id (ids may hold '/', e.g. POPE's 'adversarial/12')."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", str(sample_id))[:150]

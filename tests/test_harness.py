@@ -195,7 +195,7 @@ def test_missing_column_is_a_clear_error(tmp_path):
         main(cfg_for(tmp_path, "dataset=textvqa_toy", "dataset.columns.question=query"))
 
 
-def test_a_missing_answers_column_is_said_once_and_nothing_is_scored(tmp_path, caplog):
+def test_a_missing_answers_column_is_said_once_and_nothing_is_scored(tmp_path, caplog, capsys):
     """No answers column may be a test split's withheld answers, so the run goes on to its
     predictions (and submission file), but a misnamed column must not pass unnoticed."""
     with caplog.at_level("WARNING", logger="egg_eval"):
@@ -203,6 +203,13 @@ def test_a_missing_answers_column_is_said_once_and_nothing_is_scored(tmp_path, c
     said = [r.getMessage() for r in caplog.records if "dataset.columns.answers" in r.getMessage()]
     assert len(said) == 1 and "'gold'" in said[0] and "'answers'" in said[0]  # names the rows' columns
     assert summary["score"] is None and summary["n_samples"] > 0 and summary["n_failures"] == 0
+    assert "| vqa_accuracy = - (no public answers in this split) |" in capsys.readouterr().out
+
+
+def test_the_printed_line_gives_the_score_in_percent(tmp_path, capsys):
+    summary = main(cfg_for(tmp_path, "dataset=detail_toy", "method=vanilla"))
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"| exact_match = {100 * summary['score']:.2f}% | samples 4 | failures 0 |" in line
 
 
 def test_make_tables_prints_a_table_from_results(tmp_path):
