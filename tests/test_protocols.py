@@ -133,5 +133,8 @@ def test_a_local_copy_of_a_hub_dataset_is_read_from_its_config_folder(tmp_path):
     assert len(list(iter_samples(spec, split="validation", path=str(hub)))) == 4
     test = list(iter_samples(spec, split="test", path=str(hub)))
     assert len(test) == 4 and all(not s.answers for s in test)  # test-*, not testdev-* (which has answers)
-    with pytest.raises(FileNotFoundError, match=r"no train\.parquet or train-\*\.parquet in .*DocVQA"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no train\.parquet or train-\*\.parquet in .*DocVQA.*splits there: test, testdev, validation",
+    ):
         next(iter_samples(spec, split="train", path=str(hub)))

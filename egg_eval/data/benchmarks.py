@@ -174,8 +174,16 @@ def _open_stream(source: str, config: str | None, split: str, revision: str | No
             return load_from_disk(str(p)).to_iterable_dataset()
         files = split_files(p, config, split) if p.is_dir() else [p]
         if not files:
-            where = ", ".join(str(d) for d in _split_dirs(p, config))
-            raise FileNotFoundError(f"no {split}.parquet or {split}-*.parquet in {where}")
+            dirs = _split_dirs(p, config)
+            there = sorted({re.sub(r"-\d+-of-\d+$", "", f.stem) for d in dirs for f in d.glob("*.parquet")})
+            raise FileNotFoundError(
+                f"no {split}.parquet or {split}-*.parquet in {', '.join(str(d) for d in dirs)}"
+                + (
+                    f"; the splits there: {', '.join(there)} (dataset.split=...)"
+                    if there
+                    else "; no parquet files there"
+                )
+            )
         return load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
     return load_dataset(source, config, split=split, revision=revision, streaming=True)
 
