@@ -189,6 +189,7 @@ def build(cfg: DictConfig):
             attn_implementation=b.get("attn_implementation", "sdpa"),
             max_new_tokens=b.max_new_tokens,
             name=b.name,
+            repetition_penalty=b.get("repetition_penalty"),
         )
     except OSError as e:  # transformers' message does not say which model it was loading
         source = str(path) if path else BACKBONES[b.family].default_path
@@ -258,6 +259,7 @@ def main(cfg: DictConfig) -> dict:
         config=resolved,
         seed=cfg.seed,
         model_revision=backbone.revision,
+        decoding=backbone.effective_decoding(),
         progress=cfg.progress,
         pictures=cfg.get("pictures") or 0,
         retry_failed=cfg.get("retry_failed", True),

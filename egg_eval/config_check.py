@@ -56,6 +56,7 @@ class BackboneSchema:
     attn_implementation: Optional[str] = "sdpa"  # noqa: UP045
     device: str = "auto"
     max_new_tokens: int = 32
+    repetition_penalty: Optional[float] = None  # noqa: UP045
     sigma: Optional[float] = None  # noqa: UP045
     tiny: bool = False
 
@@ -109,6 +110,8 @@ def check_config(cfg: DictConfig) -> None:
     b = c["backbone"]
     _typed("backbone", BackboneSchema, b)
     _at_least("backbone.max_new_tokens", b.get("max_new_tokens"), 1)
+    if b.get("repetition_penalty") is not None and not b["repetition_penalty"] > 0:
+        raise ValueError(f"config backbone.repetition_penalty must be > 0 (1.0: none), got {b['repetition_penalty']!r}")
     if b.get("dtype", "auto") not in DTYPES:
         raise ValueError(f"config backbone.dtype must be one of {DTYPES}, got {b['dtype']!r}")
     device = b.get("device", "auto")

@@ -93,6 +93,7 @@ def _merge(run_dir: Path, shards: dict, n: int, tables_dir: str | Path | None) -
         config={**config, "shard": {"index": None, "count": n}},
         seed=first.get("seed", 0),
         model_revision=first.get("model_revision"),
+        decoding=first.get("decoding"),
         fingerprint=prints[0],
     )
     summary = finalize(run_dir, info)

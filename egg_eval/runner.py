@@ -42,6 +42,7 @@ class RunInfo:
     progress: bool = True
     pictures: int = 0  # draw the first N samples (saliency overlay + boxes per round) into pictures/
     fingerprint: dict[str, Any] | None = None  # what the records depend on; checked on resume (run.json)
+    decoding: dict[str, Any] | None = None  # the answers' effective decoding settings (Backbone.effective_decoding)
     retry_failed: bool = True  # a rerun computes again the samples whose record holds an error
     max_failures_in_a_row: int = 50  # stop when this many model calls fail in a row (0: never)
 
@@ -431,6 +432,7 @@ def finalize(out: Path, info: RunInfo, loggers: list | None = None) -> dict:
         "dataset_revision": info.spec.revision,
         "backbone": info.backbone,
         "model_revision": info.model_revision,
+        "decoding": info.decoding,
         "fingerprint": info.fingerprint,
         "method": info.method,
         "metric": info.spec.metric,

@@ -138,3 +138,32 @@ def test_a_local_copy_of_a_hub_dataset_is_read_from_its_config_folder(tmp_path):
         match=r"no train\.parquet or train-\*\.parquet in .*DocVQA.*splits there: test, testdev, validation",
     ):
         next(iter_samples(spec, split="train", path=str(hub)))
+
+
+def test_answers_take_the_checkpoints_repetition_penalty_unless_the_setting_overrides_it(tiny_paths):
+    """Answers are greedy, but a plain ``generate`` also applies what the checkpoint's
+    generation config sets besides sampling (Qwen2.5-VL's Instruct checkpoints: a repetition
+    penalty); ``backbone.repetition_penalty`` overrides it, and the summary says which held."""
+    from egg_eval.backbones import load_backbone
+
+    bb = load_backbone("qwen25vl", tiny_paths["qwen25vl"], device="cpu", max_new_tokens=6)
+    img = noise_image(56, 56)
+    questions = [f"What is written on sign {i}?" for i in range(4)]
+    plain = [bb.answer([img], q) for q in questions]
+    assert bb.effective_decoding()["repetition_penalty"] == 1.0
+    # as if the checkpoint had published one; below 1 it favours the prompt's tokens, which the
+    # random model's greedy answers (no repeats, no prompt tokens) show, where above 1 does not
+    bb.model.generation_config.repetition_penalty = 0.02
+    assert bb.effective_decoding()["repetition_penalty"] == 0.02
+    penalised = [bb.answer([img], q) for q in questions]
+    assert penalised != plain  # the checkpoint's setting reaches the answers
+    bb.repetition_penalty = 1.0  # backbone.repetition_penalty=1.0
+    assert [bb.answer([img], q) for q in questions] == plain
+    assert bb.effective_decoding() == {"greedy": True, "repetition_penalty": 1.0, "max_new_tokens": 6}
+
+
+def test_the_setting_reaches_the_backbone_and_the_summary(tmp_path):
+    summary = main(cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", "backbone.repetition_penalty=1.3"))
+    assert summary["decoding"] == {"greedy": True, "repetition_penalty": 1.3, "max_new_tokens": 8}
+    with pytest.raises(ValueError, match=r"backbone\.repetition_penalty must be > 0"):
+        main(cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", "backbone.repetition_penalty=0"))

@@ -283,11 +283,20 @@ class Backbone:
     # keys of ``_image_stub`` that the language model also takes (Qwen2.5-VL's image_grid_thw)
     stub_lm_keys: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model: torch.nn.Module, processor: Any, *, max_new_tokens: int = 32, name: str | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        *,
+        max_new_tokens: int = 32,
+        name: str | None = None,
+        repetition_penalty: float | None = None,
+    ):
         model.requires_grad_(False)
         self.model = model.eval()
         self.processor = processor
         self.max_new_tokens = max_new_tokens
+        self.repetition_penalty = repetition_penalty  # None: the checkpoint's generation config's
         self.name = name or self.family
         self.counters = Counters()
         self.cache_keyword = cache_keyword(model)
@@ -323,6 +332,7 @@ class Backbone:
         attn_implementation: str | None = "sdpa",
         max_new_tokens: int = 32,
         name: str | None = None,
+        repetition_penalty: float | None = None,
     ) -> Backbone:
         """Load from a hub id or a local ``save_pretrained`` directory; ``trust_remote_code`` stays off."""
         path = str(path or cls.default_path)
@@ -335,7 +345,7 @@ class Backbone:
         model = cls.model_class.from_pretrained(path, **kw).to(dev)
         pkw = {"revision": revision} if revision else {}
         processor = cls.processor_class.from_pretrained(path, **pkw)
-        bb = cls(model, processor, max_new_tokens=max_new_tokens, name=name)
+        bb = cls(model, processor, max_new_tokens=max_new_tokens, name=name, repetition_penalty=repetition_penalty)
         bb.revision = revision or getattr(model.config, "_commit_hash", None)
         bb.source = path
         if Path(path).is_dir():
@@ -603,21 +613,31 @@ class Backbone:
         return logits[0] if logits.shape[0] == 1 else logits
 
     # ---------------------------------------------------------------- decoding
+    def decoding(self) -> dict[str, Any]:
+        """``generate``'s settings for every answer: greedy, one beam, no sampling settings.
+        What the checkpoint's generation config sets besides sampling still applies, as in a
+        plain ``generate`` call (lmms-eval's): Qwen2.5-VL-7B-Instruct's sets a repetition
+        penalty of 1.05, which divides the logit of every token already in the prompt;
+        ``repetition_penalty`` (1.0: none) overrides it."""
+        kw: dict[str, Any] = {"do_sample": False, "num_beams": 1, "top_p": None, "top_k": None, "temperature": None}
+        if self.repetition_penalty is not None:
+            kw["repetition_penalty"] = self.repetition_penalty
+        return kw
+
+    def effective_decoding(self) -> dict[str, Any]:
+        """The decoding settings the answers get, the checkpoint's own included (for the summary)."""
+        gc = getattr(self.model, "generation_config", None)
+        penalty = self.repetition_penalty
+        if penalty is None:
+            penalty = getattr(gc, "repetition_penalty", None) or 1.0
+        return {"greedy": True, "repetition_penalty": float(penalty), "max_new_tokens": self.max_new_tokens}
+
     @torch.no_grad()
     def greedy_tokens(self, enc: dict[str, torch.Tensor], n: int) -> torch.Tensor:
         """Greedy-decode ``n`` tokens (1, n) from ``enc`` (one forward per token)."""
         if n <= 0:
             return torch.zeros((1, 0), dtype=torch.long, device=self.device)
-        out = self.model.generate(
-            **self.model_inputs(enc),
-            do_sample=False,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            num_beams=1,
-            top_p=None,
-            top_k=None,
-            temperature=None,
-        )
+        out = self.model.generate(**self.model_inputs(enc), max_new_tokens=n, min_new_tokens=n, **self.decoding())
         new = out[:, enc["input_ids"].shape[1] :]
         self.counters.n_forward += int(new.shape[1])
         return new
@@ -710,12 +730,8 @@ class Backbone:
         p = self.prefix_length(enc, features, prefix)
         out = self.model.generate(
             **(self._on_prefix(enc, features, prefix, p) if p else self.inputs_with_features(enc, features)),
-            do_sample=False,
             max_new_tokens=max_new_tokens or self.max_new_tokens,
-            num_beams=1,
-            top_p=None,
-            top_k=None,
-            temperature=None,
+            **self.decoding(),
         )
         new = out[0, enc["input_ids"].shape[1] :]
         self.counters.n_forward += max(1, int(new.shape[0]))
