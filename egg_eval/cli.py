@@ -190,6 +190,7 @@ def build(cfg: DictConfig):
             max_new_tokens=b.max_new_tokens,
             name=b.name,
             repetition_penalty=b.get("repetition_penalty"),
+            **{k: b[k] for k in ("min_pixels", "max_pixels") if b.get(k) is not None},
         )
     except OSError as e:  # transformers' message does not say which model it was loading
         source = str(path) if path else BACKBONES[b.family].default_path

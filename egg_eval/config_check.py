@@ -57,6 +57,8 @@ class BackboneSchema:
     device: str = "auto"
     max_new_tokens: int = 32
     repetition_penalty: Optional[float] = None  # noqa: UP045
+    min_pixels: Optional[int] = None  # noqa: UP045  (qwen25vl only)
+    max_pixels: Optional[int] = None  # noqa: UP045
     sigma: Optional[float] = None  # noqa: UP045
     tiny: bool = False
 
@@ -110,6 +112,16 @@ def check_config(cfg: DictConfig) -> None:
     b = c["backbone"]
     _typed("backbone", BackboneSchema, b)
     _at_least("backbone.max_new_tokens", b.get("max_new_tokens"), 1)
+    pixels = {k: b.get(k) for k in ("min_pixels", "max_pixels") if b.get(k) is not None}
+    if pixels and b.get("family") != "qwen25vl":
+        raise ValueError(
+            f"config backbone.{next(iter(pixels))} applies to Qwen2.5-VL only (its dynamic resolution), "
+            f"not to backbone.family={b.get('family')}"
+        )
+    for k, v in pixels.items():
+        _at_least(f"backbone.{k}", v, 28 * 28)  # one token's area
+    if len(pixels) == 2 and pixels["min_pixels"] > pixels["max_pixels"]:
+        raise ValueError(f"config backbone.min_pixels {pixels['min_pixels']} is above backbone.max_pixels")
     if b.get("repetition_penalty") is not None and not b["repetition_penalty"] > 0:
         raise ValueError(f"config backbone.repetition_penalty must be > 0 (1.0: none), got {b['repetition_penalty']!r}")
     if b.get("dtype", "auto") not in DTYPES:

@@ -167,3 +167,53 @@ def test_the_setting_reaches_the_backbone_and_the_summary(tmp_path):
     assert summary["decoding"] == {"greedy": True, "repetition_penalty": 1.3, "max_new_tokens": 8}
     with pytest.raises(ValueError, match=r"backbone\.repetition_penalty must be > 0"):
         main(cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", "backbone.repetition_penalty=0"))
+
+
+def test_qwen_pixel_bounds_set_each_views_token_count_and_the_answer_path_follows(tiny_paths):
+    """``backbone.min_pixels`` / ``max_pixels`` bound every view's area, hence its tokens, in
+    the processor and in the answer's processor-free prompt (the same grid both ways)."""
+    from egg_eval.backbones import load_backbone
+
+    big, small = noise_image(560, 420), noise_image(60, 40)
+    default = load_backbone("qwen25vl", tiny_paths["qwen25vl"], device="cpu")
+    bb = load_backbone("qwen25vl", tiny_paths["qwen25vl"], device="cpu", min_pixels=28 * 28, max_pixels=28 * 28 * 9)
+
+    def grids(b, images):
+        return b.encode(images, "q")["image_grid_thw"].tolist()
+
+    assert grids(default, [big, small]) == [[1, 12, 18], [1, 4, 6]]  # the tiny checkpoint's bounds: 4 to 64 tokens
+    bounded = grids(bb, [big, small])
+    assert [g[1] * g[2] // 4 for g in bounded] == [6, 2]  # at most 9 tokens; the small crop no longer raised to 6
+    assert bb._image_stub([big.size, small.size])["image_grid_thw"].tolist() == bounded
+    assert bb.encode_text([big, small], "q")["input_ids"].tolist() == bb.encode([big, small], "q")["input_ids"].tolist()
+    from egg_eval.grounding.saliency import token_saliency
+
+    g = token_saliency(bb, big, "What is here?")
+    assert g.scores.shape == (6,) and g.map.shape == (2, 3)
+    assert g.layout.token_boxes().reshape(-1, 4)[-1].tolist() == pytest.approx([373.3, 210.0, 560.0, 420.0], abs=0.1)
+    with pytest.raises(ValueError, match="min_pixels 7056 is above max_pixels 784"):
+        bb.set_pixel_range(28 * 28 * 9, 28 * 28)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["backbone.max_pixels=100000"], r"backbone\.max_pixels applies to Qwen2\.5-VL only"),
+        (["backbone.family=qwen25vl", "backbone.max_pixels=100"], r"backbone\.max_pixels must be >= 784"),
+        (
+            ["backbone.family=qwen25vl", "backbone.min_pixels=9000", "backbone.max_pixels=8000"],
+            r"backbone\.min_pixels 9000 is above",
+        ),
+    ],
+)
+def test_qwen_pixel_bounds_are_checked_before_the_run(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        main(cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", *overrides))
+
+
+def test_a_run_with_qwen_pixel_bounds(tmp_path):
+    cfg = cfg_for(
+        tmp_path, "backbone=tiny", "backbone.family=qwen25vl", "dataset=detail_toy", "backbone.max_pixels=7056"
+    )
+    summary = main(cfg)
+    assert summary["n_failures"] == 0 and summary["config"]["backbone"]["max_pixels"] == 7056

@@ -333,8 +333,10 @@ class Backbone:
         max_new_tokens: int = 32,
         name: str | None = None,
         repetition_penalty: float | None = None,
+        **adapter: Any,
     ) -> Backbone:
-        """Load from a hub id or a local ``save_pretrained`` directory; ``trust_remote_code`` stays off."""
+        """Load from a hub id or a local ``save_pretrained`` directory; ``trust_remote_code`` stays
+        off. ``adapter``: the family's own settings (Qwen2.5-VL: ``min_pixels``, ``max_pixels``)."""
         path = str(path or cls.default_path)
         dev, torch_dtype = resolve_device_dtype(device, dtype)
         kw: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": False}
@@ -345,7 +347,9 @@ class Backbone:
         model = cls.model_class.from_pretrained(path, **kw).to(dev)
         pkw = {"revision": revision} if revision else {}
         processor = cls.processor_class.from_pretrained(path, **pkw)
-        bb = cls(model, processor, max_new_tokens=max_new_tokens, name=name, repetition_penalty=repetition_penalty)
+        bb = cls(
+            model, processor, max_new_tokens=max_new_tokens, name=name, repetition_penalty=repetition_penalty, **adapter
+        )
         bb.revision = revision or getattr(model.config, "_commit_hash", None)
         bb.source = path
         if Path(path).is_dir():

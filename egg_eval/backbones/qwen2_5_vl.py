@@ -18,6 +18,7 @@ The same attention, to float rounding (tested against the stock module).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -120,9 +121,34 @@ class Qwen25VL(Backbone):
     processor_class = Qwen2_5_VLImageOnlyProcessor
     feature_keys = ("pixel_values", "image_grid_thw")
 
-    def __init__(self, model, processor, *, group_windows: bool = True, **kw):
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        group_windows: bool = True,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        **kw,
+    ):
         super().__init__(model, processor, **kw)
         group_vision_windows(model, group_windows)
+        self.set_pixel_range(min_pixels, max_pixels)
+
+    def set_pixel_range(self, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
+        """The image area ``smart_resize`` keeps every view within (``backbone.min_pixels`` /
+        ``max_pixels``, as lmms-eval's and VLMEvalKit's Qwen settings of those names): each
+        view has about area / 784 tokens, within these bounds; None keeps the checkpoint's
+        (Qwen2.5-VL-7B-Instruct: 3,136 to 12,845,056, i.e. 4 to 16,384 tokens)."""
+        ip = self.processor.image_processor
+        lo = size_get(ip.size, "shortest_edge") if min_pixels is None else int(min_pixels)
+        hi = size_get(ip.size, "longest_edge") if max_pixels is None else int(max_pixels)
+        if lo > hi:
+            raise ValueError(f"min_pixels {lo} is above max_pixels {hi}")
+        if isinstance(ip.size, dict):  # older releases keep a plain dict
+            ip.size = {**ip.size, "shortest_edge": lo, "longest_edge": hi}
+        else:
+            ip.size = dataclasses.replace(ip.size, shortest_edge=lo, longest_edge=hi)
 
     def _image_features(self, enc):
         out = self.model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"], return_dict=True)
