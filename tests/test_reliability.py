@@ -159,24 +159,11 @@ def test_nan_or_flat_saliency_stops_with_the_whole_image(values):
     assert trace.stop_reason == "no_region" and trace.final_views == [Box.of_image(40, 40)]
 
 
-def test_out_of_memory_on_one_sample_is_recorded_and_the_run_goes_on(tmp_path):
-    spec = BenchmarkSpec(name="t", hf_id="x", split="test", metric="exact_match")
-    samples = [Sample(id=str(i), question="q", image=Image.new("RGB", (8, 8)), answers=["a"]) for i in range(3)]
+SPEC = BenchmarkSpec(name="t", hf_id="x", split="test", metric="exact_match")
 
-    def method(image, text):
-        if method.calls == 1:
-            method.calls += 1
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        method.calls += 1
-        return "a", Trace(image_size=image.size, final_views=[Box.of_image(*image.size)])
 
-    method.calls = 0
-    summary = run(samples, method, RunInfo(output_dir=tmp_path, spec=spec, method="m", backbone="b", progress=False))
-    recs = [json.loads(x) for x in (tmp_path / "records.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in recs] == ["0", "1", "2"]
-    assert recs[1]["error"].startswith("OutOfMemoryError") and recs[1]["prediction"] is None
-    assert recs[0]["error"] is None and recs[2]["error"] is None
-    assert summary["n_failures"] == 1 and summary["score"] == pytest.approx(2 / 3)
+def _samples(n):
+    return [Sample(id=str(i), question="q", image=Image.new("RGB", (8, 8)), answers=["a"]) for i in range(n)]
 
 
 def _records(folder):
@@ -187,21 +174,34 @@ def _answers_a(image, text):
     return "a", Trace(image_size=image.size, final_views=[Box.of_image(*image.size)])
 
 
-@pytest.mark.parametrize("retry", [True, False])
-def test_a_rerun_computes_the_failed_samples_again_unless_told_not_to(tmp_path, retry):
-    spec = BenchmarkSpec(name="t", hf_id="x", split="test", metric="exact_match")
-    samples = [Sample(id=str(i), question="q", image=Image.new("RGB", (8, 8)), answers=["a"]) for i in range(4)]
+def _out_of_memory_on_call(k):
+    """A method answering 'a', except that its call number ``k`` (from 0) runs out of GPU memory."""
 
-    def oom_on_1(image, text):
-        if oom_on_1.n == 1:
-            oom_on_1.n += 1
+    def method(image, text):
+        method.calls += 1
+        if method.calls - 1 == k:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        oom_on_1.n += 1
         return _answers_a(image, text)
 
-    oom_on_1.n = 0
-    info = RunInfo(output_dir=tmp_path, spec=spec, method="m", backbone="b", progress=False, retry_failed=retry)
-    assert run(samples, oom_on_1, info)["n_failures"] == 1
+    method.calls = 0
+    return method
+
+
+def test_out_of_memory_on_one_sample_is_recorded_and_the_run_goes_on(tmp_path):
+    info = RunInfo(output_dir=tmp_path, spec=SPEC, method="m", backbone="b", progress=False)
+    summary = run(_samples(3), _out_of_memory_on_call(1), info)
+    recs = _records(tmp_path)
+    assert [r["id"] for r in recs] == ["0", "1", "2"]
+    assert recs[1]["error"].startswith("OutOfMemoryError") and recs[1]["prediction"] is None
+    assert recs[0]["error"] is None and recs[2]["error"] is None
+    assert summary["n_failures"] == 1 and summary["score"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("retry", [True, False])
+def test_a_rerun_computes_the_failed_samples_again_unless_told_not_to(tmp_path, retry):
+    samples = _samples(4)
+    info = RunInfo(output_dir=tmp_path, spec=SPEC, method="m", backbone="b", progress=False, retry_failed=retry)
+    assert run(samples, _out_of_memory_on_call(1), info)["n_failures"] == 1
     calls = []
 
     def on_a_larger_gpu(image, text):
@@ -222,8 +222,7 @@ def test_a_run_whose_model_calls_keep_failing_stops_and_keeps_its_records(tmp_pa
     """Failures in a row stop the run (a broken model or device would otherwise fail every
     sample of a long job); a sample the model answers resets the count, and a data error
     (an unreadable image) never counts. The rerun resumes and retries the failed ones."""
-    spec = BenchmarkSpec(name="t", hf_id="x", split="test", metric="exact_match")
-    samples = [Sample(id=str(i), question="q", image=Image.new("RGB", (8, 8)), answers=["a"]) for i in range(8)]
+    samples = _samples(8)
     samples[3] = Sample(id="3", question="q", image=None, answers=["a"], error="UnidentifiedImageError: not an image")
 
     def broken(image, text):  # answers sample 0 only, then fails on every call
@@ -233,7 +232,7 @@ def test_a_run_whose_model_calls_keep_failing_stops_and_keeps_its_records(tmp_pa
         raise ValueError("weights and processor do not match")
 
     broken.n = 0
-    info = RunInfo(output_dir=tmp_path, spec=spec, method="m", backbone="b", progress=False, max_failures_in_a_row=3)
+    info = RunInfo(output_dir=tmp_path, spec=SPEC, method="m", backbone="b", progress=False, max_failures_in_a_row=3)
     with pytest.raises(RuntimeError, match=r"last 3 samples all failed.*'4'.*weights and processor do not match"):
         run(samples, broken, info)
     recs = _records(tmp_path)
@@ -244,8 +243,7 @@ def test_a_run_whose_model_calls_keep_failing_stops_and_keeps_its_records(tmp_pa
 
 
 def test_a_cuda_error_that_breaks_the_device_stops_the_run_at_once(tmp_path):
-    spec = BenchmarkSpec(name="t", hf_id="x", split="test", metric="exact_match")
-    samples = [Sample(id=str(i), question="q", image=Image.new("RGB", (8, 8)), answers=["a"]) for i in range(4)]
+    samples = _samples(4)
 
     def assert_on_1(image, text):
         assert_on_1.n += 1
@@ -254,7 +252,7 @@ def test_a_cuda_error_that_breaks_the_device_stops_the_run_at_once(tmp_path):
         return _answers_a(image, text)
 
     assert_on_1.n = 0
-    info = RunInfo(output_dir=tmp_path, spec=spec, method="m", backbone="b", progress=False)
+    info = RunInfo(output_dir=tmp_path, spec=SPEC, method="m", backbone="b", progress=False)
     with pytest.raises(RuntimeError, match="sample '1' raised a device error"):
         run(samples, assert_on_1, info)
     assert [r["id"] for r in _records(tmp_path)] == ["0", "1"] and assert_on_1.n == 2
