@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from egg_eval.config_check import check_config
+from egg_eval.config_check import FAMILY_SETTINGS, check_config
 from egg_eval.data.benchmarks import BenchmarkSpec
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -190,7 +190,7 @@ def build(cfg: DictConfig):
             max_new_tokens=b.max_new_tokens,
             name=b.name,
             repetition_penalty=b.get("repetition_penalty"),
-            **{k: b[k] for k in ("min_pixels", "max_pixels") if b.get(k) is not None},
+            **{k: b[k] for k in FAMILY_SETTINGS if b.get(k) is not None},
         )
     except OSError as e:  # transformers' message does not say which model it was loading
         source = str(path) if path else BACKBONES[b.family].default_path

@@ -59,6 +59,7 @@ class BackboneSchema:
     repetition_penalty: Optional[float] = None  # noqa: UP045
     min_pixels: Optional[int] = None  # noqa: UP045  (qwen25vl only)
     max_pixels: Optional[int] = None  # noqa: UP045
+    max_tiles: Optional[int] = None  # noqa: UP045  (internvl35 only)
     sigma: Optional[float] = None  # noqa: UP045
     tiny: bool = False
 
@@ -82,6 +83,12 @@ class RunSchema:  # the top level's own settings
     max_failures_in_a_row: int = 50
 
 
+# backbone settings of one family's processor: key -> (family, what it bounds)
+FAMILY_SETTINGS = {
+    "min_pixels": ("qwen25vl", "the area bounds of its dynamic resolution"),
+    "max_pixels": ("qwen25vl", "the area bounds of its dynamic resolution"),
+    "max_tiles": ("internvl35", "its tiles of 448 px per view"),
+}
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 WANDB_MODES = (None, "online", "offline", "disabled", "shared")  # None: $WANDB_MODE or online
 
@@ -112,14 +119,13 @@ def check_config(cfg: DictConfig) -> None:
     b = c["backbone"]
     _typed("backbone", BackboneSchema, b)
     _at_least("backbone.max_new_tokens", b.get("max_new_tokens"), 1)
+    for k, (family, what) in FAMILY_SETTINGS.items():
+        if b.get(k) is not None and b.get("family") != family:
+            raise ValueError(f"config backbone.{k} applies to {family} only ({what}), not to {b.get('family')}")
     pixels = {k: b.get(k) for k in ("min_pixels", "max_pixels") if b.get(k) is not None}
-    if pixels and b.get("family") != "qwen25vl":
-        raise ValueError(
-            f"config backbone.{next(iter(pixels))} applies to Qwen2.5-VL only (its dynamic resolution), "
-            f"not to backbone.family={b.get('family')}"
-        )
     for k, v in pixels.items():
         _at_least(f"backbone.{k}", v, 28 * 28)  # one token's area
+    _at_least("backbone.max_tiles", b.get("max_tiles"), 1)
     if len(pixels) == 2 and pixels["min_pixels"] > pixels["max_pixels"]:
         raise ValueError(f"config backbone.min_pixels {pixels['min_pixels']} is above backbone.max_pixels")
     if b.get("repetition_penalty") is not None and not b["repetition_penalty"] > 0:

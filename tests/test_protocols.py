@@ -195,10 +195,31 @@ def test_qwen_pixel_bounds_set_each_views_token_count_and_the_answer_path_follow
         bb.set_pixel_range(28 * 28 * 9, 28 * 28)
 
 
+def test_internvl_max_tiles_bounds_every_views_tiles_and_the_answer_path_follows(tiny_paths):
+    from egg_eval.backbones import load_backbone
+    from egg_eval.grounding.saliency import token_saliency
+
+    wide = noise_image(600, 200)
+    default = load_backbone("internvl35", tiny_paths["internvl35"], device="cpu")
+    bb = load_backbone("internvl35", tiny_paths["internvl35"], device="cpu", max_tiles=2)
+    assert default._image_stub([wide.size]) == {"num_patches": [4]}  # 3 tiles (of at most 6) + a thumbnail
+    assert bb._image_stub([wide.size]) == {"num_patches": [3]}  # 2 tiles side by side + the thumbnail
+    enc = bb.encode([wide], "q")
+    assert enc["pixel_values"].shape[0] == 3
+    assert bb.encode_text([wide], "q")["input_ids"].tolist() == enc["input_ids"].tolist()
+    g = token_saliency(bb, wide, "What is here?")
+    boxes = g.layout.token_boxes().reshape(-1, 4)
+    assert g.map.shape == (4, 8) and boxes[:, 2].max() == pytest.approx(600) and boxes[:, 3].max() == pytest.approx(200)
+    with pytest.raises(ValueError, match="max_tiles must be at least 1"):
+        bb.set_max_tiles(0)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["backbone.max_pixels=100000"], r"backbone\.max_pixels applies to Qwen2\.5-VL only"),
+        (["backbone.max_pixels=100000"], r"backbone\.max_pixels applies to qwen25vl only"),
+        (["backbone.max_tiles=4"], r"backbone\.max_tiles applies to internvl35 only"),
+        (["backbone.family=internvl35", "backbone.max_tiles=0"], r"backbone\.max_tiles must be >= 1"),
         (["backbone.family=qwen25vl", "backbone.max_pixels=100"], r"backbone\.max_pixels must be >= 784"),
         (
             ["backbone.family=qwen25vl", "backbone.min_pixels=9000", "backbone.max_pixels=8000"],
@@ -211,9 +232,10 @@ def test_qwen_pixel_bounds_are_checked_before_the_run(tmp_path, overrides, messa
         main(cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", *overrides))
 
 
-def test_a_run_with_qwen_pixel_bounds(tmp_path):
+@pytest.mark.parametrize("family, key, value", [("qwen25vl", "max_pixels", 7056), ("internvl35", "max_tiles", 2)])
+def test_a_run_with_a_family_setting(tmp_path, family, key, value):
     cfg = cfg_for(
-        tmp_path, "backbone=tiny", "backbone.family=qwen25vl", "dataset=detail_toy", "backbone.max_pixels=7056"
+        tmp_path, "backbone=tiny", f"backbone.family={family}", "dataset=detail_toy", f"backbone.{key}={value}"
     )
     summary = main(cfg)
-    assert summary["n_failures"] == 0 and summary["config"]["backbone"]["max_pixels"] == 7056
+    assert summary["n_failures"] == 0 and summary["config"]["backbone"][key] == value

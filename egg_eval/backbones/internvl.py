@@ -27,6 +27,20 @@ class InternVL(Backbone):
     processor_class = InternVLImageOnlyProcessor
     vision_keys = feature_keys = ("pixel_values", "_sizes")
 
+    def __init__(self, model, processor, *, max_tiles: int | None = None, **kw):
+        super().__init__(model, processor, **kw)
+        if max_tiles is not None:
+            self.set_max_tiles(max_tiles)
+
+    def set_max_tiles(self, n: int) -> None:
+        """At most ``n`` tiles of 448 px per view, besides the thumbnail (``backbone.max_tiles``,
+        VLMEvalKit's ``max_num``; InternVL-3.5's checkpoint: 12). Every view is re-tiled, the
+        crops too, so this bounds each view's tokens at 256 x (n + 1)."""
+        ip = self.processor.image_processor
+        if n < max(1, ip.min_patches):
+            raise ValueError(f"max_tiles must be at least {max(1, ip.min_patches)} (the processor's min_patches)")
+        ip.max_patches = int(n)
+
     def _tiling(self, image_size: tuple[int, int]) -> tuple[int, int, int, bool]:
         """(cols, rows, tile px, thumbnail?) for an image of ``image_size`` (w, h)."""
         ip = self.processor.image_processor
