@@ -58,37 +58,48 @@ def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.55) -> Image.
     return out
 
 
-def _round_panel(image: Image.Image, rnd, evidence) -> Image.Image:
+def _round_panel(image: Image.Image, rnd, evidence, scale: tuple[float, float] = (1.0, 1.0)) -> Image.Image:
+    """A round drawn on ``image``, which is the sample's image resized by ``scale`` (x, y):
+    every box, cell and view is in original-image pixels and is scaled here."""
     w, h = image.size
+    box_scale = np.array([scale[0], scale[1]] * 2)
     heat = np.zeros((h, w))
     for view, (values, cells) in zip(rnd.views, rnd.maps):
-        vw, vh = round(view.width), round(view.height)
+        vw, vh = round(view.width * scale[0]), round(view.height * scale[1])
         if vw < 1 or vh < 1:
             continue
-        local = paint_map((vw, vh), values, cells)
+        local = paint_map((vw, vh), values, np.asarray(cells, dtype=np.float64).reshape(-1, 4) * box_scale)
         peak = local.max()
         if peak > 0:
             local = local / peak
-        x0, y0 = round(view.x0), round(view.y0)
+        x0, y0 = round(view.x0 * scale[0]), round(view.y0 * scale[1])
         region = heat[y0 : y0 + vh, x0 : x0 + vw]
         heat[y0 : y0 + vh, x0 : x0 + vw] = np.maximum(region, local[: region.shape[0], : region.shape[1]])
     panel = overlay(image, heat)
     draw = ImageDraw.Draw(panel)
     lw = max(1, round(max(w, h) / 200))
+
+    def scaled(box) -> list[float]:
+        return (np.asarray(box, dtype=np.float64) * box_scale).tolist()
+
     for box in evidence or []:
-        draw.rectangle(list(box), outline=EVIDENCE, width=lw)
+        draw.rectangle(scaled(box), outline=EVIDENCE, width=lw)
     for view in rnd.views[1:]:
-        draw.rectangle(view.as_list(), outline=(255, 255, 255), width=lw)
+        draw.rectangle(scaled(view.as_list()), outline=(255, 255, 255), width=lw)
     for k, region in enumerate(rnd.selected):
-        draw.rectangle(region.box.as_list(), outline=SELECTED[k % len(SELECTED)], width=2 * lw)
+        draw.rectangle(scaled(region.box.as_list()), outline=SELECTED[k % len(SELECTED)], width=2 * lw)
     return panel
 
 
 def sample_figure(image: Image.Image, trace: Trace, evidence=None, panel: int = 320) -> Image.Image:
-    """One picture per sample: a panel per round, then the final crops (see module doc)."""
+    """One picture per sample: a panel per round, then the final crops (see module doc). The
+    panels are drawn at their own size (the longer side ``panel`` px), never at the image's,
+    so a large image costs no more than a small one."""
     scale = panel / max(image.size)
     size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
-    panels = [_round_panel(image, r, evidence).resize(size) for r in trace.rounds if r.maps] or [image.resize(size)]
+    small = image.convert("RGB").resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    xy = (size[0] / image.size[0], size[1] / image.size[1])
+    panels = [_round_panel(small, r, evidence, xy) for r in trace.rounds if r.maps] or [small]
     crops = []
     for v in trace.final_views[1:]:
         c = image.crop(tuple(int(x) for x in v.as_list()))
