@@ -214,6 +214,14 @@ def exact_match(prediction: str, answer: str) -> float:
     return float(_gqa_norm(prediction) == _gqa_norm(answer))
 
 
+def free_form_match(prediction: str, answer: str) -> float:
+    """1.0 when ``prediction`` equals ``answer`` after the VQA normalisation (case,
+    punctuation, articles, number words -> digits): "Three." matches "3", "yes" "Yes".
+    RealWorldQA's questions without options ("Please answer directly with a single word or
+    number.") are scored so."""
+    return float(normalize_vqa_answer(prediction) == normalize_vqa_answer(answer))
+
+
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     """IoU of two ``[x0, y0, x1, y1]`` boxes."""
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))

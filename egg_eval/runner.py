@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from egg_eval import metrics as M
-from egg_eval.data.benchmarks import BenchmarkSpec, Sample, prompt_for
+from egg_eval.data.benchmarks import BenchmarkSpec, Sample, is_free_form, option_letters, prompt_for
 from egg_eval.files import folder_lock, write_atomic
 from egg_eval.types import Trace
 
@@ -102,15 +102,6 @@ def read_records(path: Path) -> list[dict]:
     return out
 
 
-def _letters_of(sample: Sample) -> list[str]:
-    if sample.options:
-        return [chr(65 + i) for i in range(len(sample.options))]
-    found = []
-    for m in re.finditer(r"(?m)^\s*\(?([A-J])[).]\s", sample.question):
-        found.append(m.group(1))
-    return found or list("ABCD")
-
-
 def score_sample(spec: BenchmarkSpec, sample: Sample, prediction: str | None) -> dict[str, float | None]:
     """Per-sample metric values (None where the split has no public answers)."""
     if prediction is None or not sample.answers:
@@ -120,9 +111,10 @@ def score_sample(spec: BenchmarkSpec, sample: Sample, prediction: str | None) ->
     if spec.metric == "anls":
         return {"anls": M.anls(prediction, sample.answers)}
     if spec.metric == "multiple_choice":
-        return {
-            "multiple_choice": M.multiple_choice(prediction, sample.options or _letters_of(sample), sample.answers[0])
-        }
+        if is_free_form(sample):  # no options to choose from: the answer's text is compared
+            return {"multiple_choice": M.free_form_match(prediction, sample.answers[0])}
+        choices = sample.options or option_letters(sample.question)
+        return {"multiple_choice": M.multiple_choice(prediction, choices, sample.answers[0])}
     if spec.metric == "pope":
         return {"pope": float(M.pope_parse(prediction) == sample.answers[0].strip().lower())}
     if spec.metric == "exact_match":
@@ -142,15 +134,21 @@ def make_record(
     sample: Sample, prediction, trace: Trace | None, error: str | None, spec: BenchmarkSpec, elapsed: float
 ) -> dict:
     t = trace.to_dict() if trace is not None else {}
+    metrics = None
+    if error is None:
+        try:
+            metrics = score_sample(spec, sample, prediction)
+        except Exception as e:  # a gold answer the metric cannot read fails this sample, not the run
+            error = f"scoring the prediction: {type(e).__name__}: {e}"
+    if metrics is None:
+        metrics = {spec.metric: 0.0 if sample.answers else None}
     return {
         "id": sample.id,
         "subset": sample.subset,
         "question": sample.question,
         "prediction": prediction,
         "answers": sample.answers,
-        "metrics": score_sample(spec, sample, prediction)
-        if error is None
-        else {spec.metric: 0.0 if sample.answers else None},
+        "metrics": metrics,
         "localisation": localisation(sample, trace) if error is None else {},
         "rounds": t.get("rounds", []),
         "final_views": t.get("final_views", []),

@@ -9,6 +9,7 @@ from egg_eval.metrics import (
     best_grid_iou,
     box_iou,
     exact_match,
+    free_form_match,
     grid_cover_ious,
     multiple_choice,
     normalize_vqa_answer,
@@ -155,3 +156,67 @@ def test_grid_cover_ious_of_the_touched_and_the_centred_cells():
     # a box inside one cell, not holding its centre: touched is that cell, centred is empty
     assert grid_cover_ious(lines, lines, [2, 2, 12, 12]) == pytest.approx({"touched": 100 / 1600, "centred": 0.0})
     assert grid_cover_ious(lines, lines, [40, 0, 80, 40]) == {"touched": 1.0, "centred": 1.0}
+
+
+RWQA_MC = "Please answer directly with only the letter of the correct option and nothing else."
+RWQA_OPEN = "Please answer directly with a single word or number."
+
+
+@pytest.mark.parametrize(
+    "question, prompt",
+    [  # RealWorldQA's own instruction gives way to the paper's (Appendix G)
+        (
+            f"Which way is the car facing?\nA. left\nB. right\nC. towards us\n{RWQA_MC}",
+            "Which way is the car facing?\nA. left\nB. right\nC. towards us\n"
+            "Answer with the option's letter from the given choices directly.",
+        ),
+        (
+            f"How many lanes are there?\n{RWQA_OPEN}",
+            "How many lanes are there?\nAnswer the question using a single word or phrase.",
+        ),
+        (
+            "Is it red?\n(A) yes\n(B) no\nAnswer with the option's letter from the given choices directly.",
+            "Is it red?\n(A) yes\n(B) no\nAnswer with the option's letter from the given choices directly.",
+        ),
+    ],
+)
+def test_multiple_choice_prompts_replace_the_datasets_instruction(question, prompt):
+    from egg_eval.data.benchmarks import Sample, prompt_for
+
+    assert prompt_for(Sample(id="1", question=question, image=None, answers=["A"]), "mc") == prompt
+
+
+@pytest.mark.parametrize(
+    "question, answer, prediction, score",
+    [
+        (f"How many lanes are there?\n{RWQA_OPEN}", "3", "Three.", 1.0),  # free-form: the text is compared
+        (f"How many lanes are there?\n{RWQA_OPEN}", "3", "A", 0.0),
+        (f"Is the light green?\n{RWQA_OPEN}", "Yes", "yes", 1.0),  # used to stop the run: 'Yes' is no letter
+        (f"Which way?\nA. left\nB. right\n{RWQA_MC}", "B", "B. right", 1.0),
+        (f"Which way?\nA. left\nB. right\n{RWQA_MC}", "B", "A", 0.0),
+    ],
+)
+def test_a_multiple_choice_benchmark_scores_its_free_form_questions_by_their_text(question, answer, prediction, score):
+    from egg_eval.data.benchmarks import BenchmarkSpec, Sample
+    from egg_eval.runner import score_sample
+
+    spec = BenchmarkSpec(name="rwqa", hf_id="x", split="test", metric="multiple_choice")
+    sample = Sample(id="1", question=question, image=None, answers=[answer])
+    assert score_sample(spec, sample, prediction) == {"multiple_choice": score}
+
+
+@pytest.mark.parametrize("p, a, ok", [("Three.", "3", 1.0), ("the dog", "Dog", 1.0), ("two dogs", "2", 0.0)])
+def test_free_form_match(p, a, ok):
+    assert free_form_match(p, a) == ok
+
+
+def test_a_gold_answer_the_metric_cannot_read_fails_that_sample_only():
+    from egg_eval.data.benchmarks import BenchmarkSpec, Sample
+    from egg_eval.runner import make_record
+
+    spec = BenchmarkSpec(name="rwqa", hf_id="x", split="test", metric="multiple_choice")
+    rec = make_record(
+        Sample(id="1", question="Which?\nA. x\nB. y", image=None, answers=["maybe"]), "A", None, None, spec, 0.1
+    )
+    assert rec["error"].startswith("scoring the prediction: ValueError: answer 'maybe'") and rec["prediction"] == "A"
+    assert rec["metrics"] == {"multiple_choice": 0.0}

@@ -120,10 +120,29 @@ def decode_image(value: Any, max_pixels: int | None = None, base: Path | None = 
     return img
 
 
+# a dataset's own answering instruction at the end of its question text (RealWorldQA's:
+# "Please answer directly with only the letter of the correct option and nothing else." and
+# "Please answer directly with a single word or number."); the paper's prompt replaces it
+_OWN_INSTRUCTION = re.compile(r"\s*Please answer directly\b[^\n]*$", re.IGNORECASE)
+
+
+def option_letters(question: str) -> list[str]:
+    """The option letters listed in a question's text, one option per line: "A. ...", "(B) ...", "C) ..."."""
+    return re.findall(r"(?m)^\s*\(?([A-J])[).]\s", question)
+
+
+def is_free_form(sample: Sample) -> bool:
+    """A multiple-choice benchmark's question without options (RealWorldQA has some)."""
+    return not sample.options and not option_letters(sample.question)
+
+
 def prompt_for(sample: Sample, kind: str) -> str:
-    """The paper's Appendix G prompts (the chat template is applied by the backbone)."""
-    q = sample.question.strip()
-    if kind == "mc":
+    """The paper's Appendix G prompts (the chat template is applied by the backbone): the
+    question, for multiple choice its options, then the paper's instruction in place of the
+    dataset's own. A multiple-choice benchmark's question without options gets the open-ended
+    instruction."""
+    q = _OWN_INSTRUCTION.sub("", sample.question.strip())
+    if kind == "mc" and not is_free_form(sample):
         if sample.options and not re.search(r"\(A\)", q):
             q += "\n" + "\n".join(f"({chr(65 + i)}) {o}" for i, o in enumerate(sample.options))
         return f"{q}\n{MC_SUFFIX}" if MC_SUFFIX.lower() not in q.lower() else q

@@ -73,7 +73,7 @@ def _write(rows: dict, path: Path) -> None:
 # Bumped when a generator's rows change, so that a cache written by an older version is not
 # reused (detail v2: the two-region question asks for the larger digit, no longer the sum;
 # v3: digits drawn 6x10 px instead of 9x15, for the toy's 96 px input instead of 64).
-VERSIONS = {"detail": 3}
+VERSIONS = {"detail": 3, "rwqa": 2}  # bumped when a generator changes: caches of the old rows are not reused
 
 
 def subset_dirname(name: str, n: int = 4) -> str:
@@ -162,8 +162,14 @@ def write_toy_subset(name: str, out_dir: str | Path, n: int = 4, seed: int = 0) 
             {"id": [f"n{i}" for i, *_ in rows], "image": [r[1] for r in rows]}, out / "testdev_balanced_images.parquet"
         )
     elif name == "rwqa":
+        # like RealWorldQA: most questions list lettered options, some (every fourth here) are
+        # free-form, each with its own answering instruction at the end
         texts, answers = [], []
-        for _, _, c, d, _, _ in rows:
+        for i, (_, _, c, d, _, _) in enumerate(rows):
+            if i % 4 == 3:
+                texts.append(q.format(c) + "\nPlease answer directly with a single word or number.")
+                answers.append(str(d))
+                continue
             opts = [str(d), str((d + 3) % 10), str((d + 7) % 10)]
             random.Random(d).shuffle(opts)
             texts.append(
