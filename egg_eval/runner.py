@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from egg_eval import metrics as M
-from egg_eval.data.benchmarks import BenchmarkSpec, Sample, is_free_form, option_letters, prompt_for
+from egg_eval.data.benchmarks import BenchmarkSpec, Sample, option_letters, prompt_for, scored_as_text
 from egg_eval.files import folder_lock, write_atomic
 from egg_eval.types import Trace
 
@@ -111,9 +111,9 @@ def score_sample(spec: BenchmarkSpec, sample: Sample, prediction: str | None) ->
     if spec.metric == "anls":
         return {"anls": M.anls(prediction, sample.answers)}
     if spec.metric == "multiple_choice":
-        if is_free_form(sample):  # no options to choose from: the answer's text is compared
+        if scored_as_text(sample):  # no options to choose from: the answer's text is compared
             return {"multiple_choice": M.free_form_match(prediction, sample.answers[0])}
-        choices = sample.options or option_letters(sample.question)
+        choices = sample.options or option_letters(sample.question) or list("ABCD")
         return {"multiple_choice": M.multiple_choice(prediction, choices, sample.answers[0])}
     if spec.metric == "pope":
         return {"pope": float(M.pope_parse(prediction) == sample.answers[0].strip().lower())}

@@ -178,6 +178,10 @@ RWQA_OPEN = "Please answer directly with a single word or number."
             "Is it red?\n(A) yes\n(B) no\nAnswer with the option's letter from the given choices directly.",
             "Is it red?\n(A) yes\n(B) no\nAnswer with the option's letter from the given choices directly.",
         ),
+        (
+            "Which colour? (A) red (B) blue",
+            "Which colour? (A) red (B) blue\nAnswer with the option's letter from the given choices directly.",
+        ),
     ],
 )
 def test_multiple_choice_prompts_replace_the_datasets_instruction(question, prompt):
@@ -194,6 +198,8 @@ def test_multiple_choice_prompts_replace_the_datasets_instruction(question, prom
         (f"Is the light green?\n{RWQA_OPEN}", "Yes", "yes", 1.0),  # used to stop the run: 'Yes' is no letter
         (f"Which way?\nA. left\nB. right\n{RWQA_MC}", "B", "B. right", 1.0),
         (f"Which way?\nA. left\nB. right\n{RWQA_MC}", "B", "A", 0.0),
+        ("Which colour? (A) red (B) blue", "B", "(B)", 1.0),  # options in a run
+        ("Which colour? A red, B blue", "B", "B", 1.0),  # a layout not recognised: a letter answer is still a letter
     ],
 )
 def test_a_multiple_choice_benchmark_scores_its_free_form_questions_by_their_text(question, answer, prediction, score):

@@ -127,13 +127,27 @@ _OWN_INSTRUCTION = re.compile(r"\s*Please answer directly\b[^\n]*$", re.IGNORECA
 
 
 def option_letters(question: str) -> list[str]:
-    """The option letters listed in a question's text, one option per line: "A. ...", "(B) ...", "C) ..."."""
-    return re.findall(r"(?m)^\s*\(?([A-J])[).]\s", question)
+    """The option letters listed in a question's text: one option per line ("A. ...",
+    "(B) ...", "C) ..."), else in a run ("... (A) red (B) blue")."""
+    per_line = re.findall(r"(?m)^\s*\(?([A-J])[).]\s", question)
+    if per_line:
+        return per_line
+    inline = re.findall(r"\(([A-J])\)\s", question)
+    return inline if inline[:2] == ["A", "B"] else []
 
 
 def is_free_form(sample: Sample) -> bool:
-    """A multiple-choice benchmark's question without options (RealWorldQA has some)."""
+    """A multiple-choice benchmark's question without options (RealWorldQA has some): no
+    options column and none listed in its text. For scoring, :func:`scored_as_text` also
+    looks at the answer."""
     return not sample.options and not option_letters(sample.question)
+
+
+def scored_as_text(sample: Sample) -> bool:
+    """A free-form question (:func:`is_free_form`) whose answer is not a lone letter: scored by
+    its text. A lone-letter answer keeps letter scoring (options in a layout not recognised)."""
+    gold = sample.answers[0].strip().strip("()") if sample.answers else ""
+    return is_free_form(sample) and not (len(gold) == 1 and gold.isalpha())
 
 
 def prompt_for(sample: Sample, kind: str) -> str:
