@@ -169,6 +169,10 @@ def child(args):
         from egg_eval.backbones.qwen2_5_vl import group_vision_windows
 
         group_vision_windows(backbone.model, False)
+    if args.max_tiles is not None:
+        backbone.set_max_tiles(args.max_tiles)  # internvl35
+    if args.max_pixels is not None:
+        backbone.set_pixel_range(None, args.max_pixels)  # qwen25vl
     load_s = time.perf_counter() - t_load
     cuda = backbone.device.type == "cuda"
     samples = list(rows(args.n + 1, seed=2000))
@@ -346,8 +350,13 @@ def main() -> None:
         action="store_true",
         help="qwen25vl: the stock SDPA vision attention, one call per window (default: one per window length)",
     )
+    ap.add_argument("--max-tiles", type=int, default=None, help="internvl35: backbone.max_tiles (tiles per view)")
+    ap.add_argument("--max-pixels", type=int, default=None, help="qwen25vl: backbone.max_pixels (area per view)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for flag, family in (("max_tiles", "internvl35"), ("max_pixels", "qwen25vl")):
+        if getattr(args, flag) is not None and args.family != family:
+            ap.error(f"--{flag.replace('_', '-')} applies to --family {family} only")
     if args.child:
         child(args)
         return
@@ -371,6 +380,8 @@ def main() -> None:
         f"backbone={args.backbone} family={args.family} n={args.n} image={args.image_size or 320}px "
         f"repeats={args.repeats} device={args.device} dtype={args.dtype} layers={args.layers or 'all'}"
         + (" vision-windows=stock" if args.stock_windows else "")
+        + (f" max-tiles={args.max_tiles}" if args.max_tiles is not None else "")
+        + (f" max-pixels={args.max_pixels}" if args.max_pixels is not None else "")
         + "\n"
     )
     print(
