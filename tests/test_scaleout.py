@@ -196,6 +196,24 @@ def test_bench_script_prints_its_table():
         assert (shared[m]["forward"], shared[m]["backward"]) == (results[m]["forward"], results[m]["backward"])
 
 
+def test_bench_bounds_the_views_tokens_as_the_family_settings_do():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    base = [sys.executable, str(script), "--backbone", "tiny", "--family", "internvl35", "--n", "1"]
+    base += ["--methods", "egg", "--processes", "one", "--image-size", "640"]
+    prefix = {}
+    for tiles in (None, 1):
+        extra = [] if tiles is None else ["--max-tiles", str(tiles)]
+        out = subprocess.run(base + extra, capture_output=True, text=True, check=True).stdout
+        prefix[tiles] = json.loads(out.strip().splitlines()[-1])["egg"]["prefix_tokens"]
+    # the whole image's tokens, which the answer takes from the grounding cache: 1 tile, no thumbnail
+    assert prefix[1] < prefix[None]
+    wrong = subprocess.run([*base, "--max-pixels", "10000"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "--max-pixels applies to --family qwen25vl only" in wrong.stderr
+
+
 def test_merge_refuses_shards_run_with_other_settings(tmp_path):
     base = ["backbone=tiny", "dataset=detail_toy", "method=vanilla", "shard.count=2"]
     main(cfg_for(tmp_path, *base, "shard.index=0"))
