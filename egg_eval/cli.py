@@ -211,7 +211,9 @@ def build(cfg: DictConfig):
         )
         if spec.boxes_id:  # the toy writes its side dataset of boxes next to the rows
             spec = dataclasses.replace(spec, boxes_path=str(data_path / "gt_bbox"))
-    samples = iter_samples(spec, split=d.split, path=str(data_path) if data_path else None, limit=d.get("limit"))
+    # images are decoded by the runner, for the samples it runs only (not those of other shards or already done)
+    path = str(data_path) if data_path else None
+    samples = iter_samples(spec, split=d.split, path=path, limit=d.get("limit"), decode=False)
     index, count = shard_of(cfg)
     if count > 1:  # sample i of the stream goes to shard i % count
         samples = (s for i, s in enumerate(samples) if i % count == index)

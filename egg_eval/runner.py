@@ -333,6 +333,7 @@ def _run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list
                     )
                 continue
             t0 = time.perf_counter()
+            sample.load()  # the image is decoded only now, for a sample that runs
             prediction, trace, error, fatal = None, None, sample.error, False
             if error is None:
                 try:

@@ -609,3 +609,32 @@ def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, mon
         summary = main(cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", "method.max_rounds=2", "pictures=0"))
     assert summary["n_samples"] == 4
     assert any("no lock on" in r.getMessage() and "No locks available" in r.getMessage() for r in caplog.records)
+
+
+def test_only_the_samples_a_run_runs_are_decoded(tmp_path, monkeypatch):
+    """A resume skips the samples already recorded and a shard the other shards' samples
+    without decoding their images (a DocVQA page takes ~40 ms: 300 done pages resumed in
+    9.75 s before, 0.04 s now)."""
+    import egg_eval.data.benchmarks as B
+
+    decoded = []
+    real = B.decode_image
+
+    def counting(value, *args, **kw):
+        decoded.append(1)
+        return real(value, *args, **kw)
+
+    monkeypatch.setattr(B, "decode_image", counting)
+    shard = ("backbone=tiny", "dataset=detail_toy", "method=vanilla", "shard.count=2", "shard.index=1")
+    assert main(cfg_for(tmp_path, *shard))["n_samples"] == 2 and len(decoded) == 2  # 2 of the 4 rows
+    assert main(cfg_for(tmp_path, *shard))["n_samples"] == 2 and len(decoded) == 2  # resumed: nothing decoded
+
+
+def test_a_missing_image_column_stops_the_run_and_a_missing_image_fails_its_sample(tmp_path):
+    from egg_eval.data.benchmarks import _to_sample
+
+    with pytest.raises(KeyError, match=r"column 'picture' \(for image\) missing"):
+        main(cfg_for(tmp_path, "backbone=tiny", "dataset=textvqa_toy", "dataset.columns.image=picture"))
+    spec = BenchmarkSpec(name="t", hf_id="x", split="test", metric="exact_match")
+    sample = _to_sample({"id": "7", "question": "q?", "answers": ["a"], "image": None}, spec, None, None).load()
+    assert sample.error == "ValueError: no image in this row" and sample.image is None

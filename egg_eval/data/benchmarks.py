@@ -66,6 +66,20 @@ class Sample:
     bbox: list[list[float]] | None = None  # ground-truth evidence boxes, [x0, y0, x1, y1] px
     subset: str | None = None
     error: str | None = None
+    # the image column's value before decoding, and decode_image's other arguments: a sample
+    # the run skips (already in records.jsonl, another shard's) is never decoded (:meth:`load`)
+    raw: Any = field(default=None, repr=False, compare=False)
+    decode_args: tuple[int | None, Path | None] = field(default=(None, None), repr=False, compare=False)
+
+    def load(self) -> Sample:
+        """Decode the image (once); a failure becomes the sample's ``error``, as any bad input."""
+        if self.image is None and self.error is None and self.raw is not None:
+            try:
+                self.image = decode_image(self.raw, *self.decode_args)
+            except Exception as e:  # recorded per sample; the stream goes on
+                self.error = f"{type(e).__name__}: {e}"
+            self.raw = None
+        return self
 
 
 def decode_image(value: Any, max_pixels: int | None = None, base: Path | None = None) -> Image.Image:
@@ -248,9 +262,16 @@ def _as_list(v) -> list[str]:
 
 
 def iter_samples(
-    spec: BenchmarkSpec, *, split: str | None = None, path: str | None = None, limit: int | None = None
+    spec: BenchmarkSpec,
+    *,
+    split: str | None = None,
+    path: str | None = None,
+    limit: int | None = None,
+    decode: bool = True,
 ) -> Iterator[Sample]:
-    """Stream ``Sample``s; POPE-style specs chain their sub-splits, each sample tagged with it."""
+    """Stream ``Sample``s; POPE-style specs chain their sub-splits, each sample tagged with it.
+    ``decode=False`` leaves each image to :meth:`Sample.load` (the runner loads only the
+    samples it runs)."""
     split = split or spec.split
     subsets = spec.splits or (None,)
     answers = spec.columns.get("answers", "answers")
@@ -277,7 +298,7 @@ def iter_samples(
             sample = _to_sample(row, spec, subset, images, base)
             if boxes is not None and sample.bbox is None:
                 sample.bbox = boxes.get(sample.id)
-            yield sample
+            yield sample.load() if decode else sample
 
 
 def gt_boxes(spec: BenchmarkSpec) -> dict[str, list[list[float]]]:
@@ -330,11 +351,17 @@ def _to_sample(
         bbox=[_xyxy(b, spec.bbox_format) for b in bbox] if bbox else None,
         subset=subset,
     )
-    try:
-        if not sample.question.strip():
-            raise ValueError("empty question")
-        raw = images[str(_col(row, spec, "image_id"))] if images is not None else _col(row, spec, "image")
-        sample.image = decode_image(raw, spec.max_pixels, base)
-    except Exception as e:  # recorded per sample; the stream goes on
-        sample.error = f"{type(e).__name__}: {e}"
+    if not sample.question.strip():
+        sample.error = "ValueError: empty question"
+    elif images is not None:  # GQA: an image id the images split lacks fails its sample
+        image_id = str(_col(row, spec, "image_id"))
+        if image_id in images:
+            sample.raw = images[image_id]
+        else:
+            sample.error = f"KeyError: image {image_id!r} is not in the images split"
+    else:  # a missing image column stops the run (as any missing column), a missing value fails its sample
+        sample.raw = _col(row, spec, "image")
+        if sample.raw is None:
+            sample.error = "ValueError: no image in this row"
+    sample.decode_args = (spec.max_pixels, base)
     return sample
