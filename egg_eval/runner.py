@@ -332,8 +332,8 @@ def _run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list
                         "(output_root=... or run_id=...) or move the old one away."
                     )
                 continue
+            sample.load()  # the image is decoded only now, for a sample that runs (not timed: time_s is the method's)
             t0 = time.perf_counter()
-            sample.load()  # the image is decoded only now, for a sample that runs
             prediction, trace, error, fatal = None, None, sample.error, False
             if error is None:
                 try:
