@@ -2,6 +2,7 @@
 
     python scripts/gpu_check.py                       # all four families, 2 decoder layers, cuda bf16
     python scripts/gpu_check.py --families qwen25vl --layers 4 --dtype float32
+    python scripts/gpu_check.py --backbone tiny --device cpu --dtype float32 --tolerance 1e-4   # CPU dry run (a test)
 
 For each family it builds the published 7B/8B architecture with random weights (as
 ``scripts/bench.py --backbone real`` does, decoder cut to ``--layers``), and on the device:
@@ -36,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def check(family: str, layers: int, device: str, dtype: str) -> float:
+def check(family: str, layers: int, device: str, dtype: str, backbone: str = "real", tolerance=None) -> float:
     import numpy as np
     import torch
     from bench import load
@@ -48,7 +49,8 @@ def check(family: str, layers: int, device: str, dtype: str) -> float:
     from egg_eval.grounding.saliency import token_saliency, token_saliency_batch
 
     t0 = time.perf_counter()
-    bb = load(argparse.Namespace(backbone="real", family=family, layers=layers, device=device, dtype=dtype))
+    bb = load(argparse.Namespace(backbone=backbone, family=family, layers=layers, device=device, dtype=dtype))
+    gaps = {}  # what should be float rounding only, checked against --tolerance where it is given
     print(f"  built in {time.perf_counter() - t0:.1f} s on {bb.device} {bb.dtype}")
     r = next(iter(rows(1, seed=2000)))
     q = f"{r['question']}\n{OPEN_SUFFIX}"
@@ -62,6 +64,7 @@ def check(family: str, layers: int, device: str, dtype: str) -> float:
         assert np.isfinite(g.scores).all()
         worst = max(worst, float(np.abs(g.scores - one.scores).max() / max(one.scores.max(), 1e-30)))
     print(f"  views {[g.scores.shape[0] for g in batched]} tokens: batched vs one pass, max |diff| / max = {worst:.2e}")
+    gaps["batched vs one pass"] = worst
     for det in (False, True):  # run to run: are two identical grounding passes bit-equal (deterministic=...)?
         set_deterministic(det)
         a, b = token_saliency(bb, img, q), token_saliency(bb, img, q)
@@ -82,6 +85,7 @@ def check(family: str, layers: int, device: str, dtype: str) -> float:
         f"  answer on the grounding cache: {p} of {enc['input_ids'].shape[1]} tokens cached, "
         f"last logits |diff| / max = {gap:.2e}"
     )
+    gaps["answer on the grounding cache"] = gap
     # the activation budget's partial plan: some leading layers recomputed, the cache still kept
     r_half = max(bb.most_recomputed(None) // 2, 1)
     n_tokens = g.prefix.input_ids.shape[0]  # the whole image's grounding prompt
@@ -102,6 +106,7 @@ def check(family: str, layers: int, device: str, dtype: str) -> float:
         f"  {r_half} of {bb.num_layers} layers recomputed: map max |diff| / max = {map_gap:.2e}, "
         f"answer on its cache: last logits |diff| / max = {gap_r:.2e}"
     )
+    gaps["map with layers recomputed"], gaps["answer on a recomputed pass's cache"] = map_gap, gap_r
     for r, b in held.items():
         est = bb.pass_activation_bytes(n_tokens, None, r) / n_tokens
         print(f"  {r} layers recomputed: peak {b:.0f} B per token above the model, estimate {est:.0f}")
@@ -113,6 +118,9 @@ def check(family: str, layers: int, device: str, dtype: str) -> float:
         print(f"  peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
         del bb
         torch.cuda.empty_cache()
+    over = {k: v for k, v in gaps.items() if tolerance is not None and not v <= tolerance}
+    if over:
+        raise AssertionError(f"above --tolerance {tolerance}: {over}")
     return worst
 
 
@@ -122,12 +130,18 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument(
+        "--backbone", choices=("real", "tiny"), default="real", help="tiny: the test models, for a CPU dry run"
+    )
+    ap.add_argument(
+        "--tolerance", type=float, default=None, help="fail a family whose exact-by-construction gaps exceed this"
+    )
     args = ap.parse_args()
     failed = 0
     for family in args.families.split(","):
         print(f"{family}:", flush=True)
         try:
-            check(family, args.layers, args.device, args.dtype)
+            check(family, args.layers, args.device, args.dtype, args.backbone, args.tolerance)
             print("  OK", flush=True)
         except Exception:
             failed += 1

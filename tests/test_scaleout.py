@@ -239,3 +239,19 @@ def test_a_sweep_runs_through_the_submitit_launcher(tmp_path):
     assert [p.parent.name.split("_")[2] for p in summaries] == ["k1", "k2"]
     assert all(json.loads(p.read_text())["n_samples"] == 4 for p in summaries)
     assert len(list((tmp_path / "sweep" / ".submitit").rglob("*_result.pkl"))) == 2  # submitit ran both jobs
+
+
+def test_gpu_check_dry_runs_on_the_tiny_models():
+    """scripts/gpu_check.py is what a GPU lease runs first; its CPU dry run on the tiny models
+    keeps it working between leases, with the exact-by-construction gaps checked."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+    cmd = [sys.executable, str(script), "--backbone", "tiny", "--device", "cpu", "--dtype", "float32"]
+    ok = subprocess.run([*cmd, "--tolerance", "1e-4"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.count("  OK") == 4 and "answer on the grounding cache" in ok.stdout
+    # the check bites: under a tolerance no gap can meet, the family fails and the exit status counts it
+    strict = subprocess.run([*cmd, "--families", "llava16", "--tolerance", "-1"], capture_output=True, text=True)
+    assert strict.returncode == 1 and "above --tolerance -1.0" in strict.stderr and "FAILED" in strict.stdout
