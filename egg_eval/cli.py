@@ -232,7 +232,7 @@ def build(cfg: DictConfig):
 
 def main(cfg: DictConfig) -> dict:
     from egg_eval.loggers import WandbLogger, folder_run_id
-    from egg_eval.runner import RunInfo, run, score_text
+    from egg_eval.runner import RunInfo, failures_text, run, score_text
 
     backbone, spec, samples, method = build(cfg)
     default_out = Path(cfg.output_root) / "runs" / spec.name / backbone.name / run_id(cfg)
@@ -283,7 +283,7 @@ def main(cfg: DictConfig) -> dict:
     )
     print(
         f"{spec.name} | {backbone.name} | {run_id(cfg)} | {score_text(summary)} "
-        f"| samples {summary['n_samples']} | failures {summary['n_failures']} | "
+        f"| samples {summary['n_samples']} | {failures_text(summary)} | "
         f"{summary.get('mean_time_s', 0):.2f} s/sample | {out}"
     )
     return summary

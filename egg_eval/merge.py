@@ -20,7 +20,16 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from egg_eval.files import folder_lock, write_atomic
-from egg_eval.runner import MANIFEST, RunInfo, check_manifest, finalize, fingerprint_changes, read_records, score_text
+from egg_eval.runner import (
+    MANIFEST,
+    RunInfo,
+    check_manifest,
+    failures_text,
+    finalize,
+    fingerprint_changes,
+    read_records,
+    score_text,
+)
 
 SHARD = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
@@ -110,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     s = merge(args.run_dir, args.tables)
     print(
         f"merged {s['n_shards']} shards: {s['dataset']} | {s['backbone']} | {score_text(s)} "
-        f"| samples {s['n_samples']} | failures {s['n_failures']} | {args.run_dir}"
+        f"| samples {s['n_samples']} | {failures_text(s)} | {args.run_dir}"
     )
 
 

@@ -171,6 +171,13 @@ def make_record(
 def aggregate(records: list[dict], spec: BenchmarkSpec) -> dict[str, Any]:
     """Headline metrics of a run from its records (failures count as wrong where scored)."""
     out: dict[str, Any] = {"n_samples": len(records), "n_failures": sum(r["error"] is not None for r in records)}
+    # what failed, by kind (error_kind), most frequent first
+    kinds: dict[str, int] = {}
+    for r in records:
+        if r["error"] is not None:
+            kind = error_kind(r["error"])
+            kinds[kind] = kinds.get(kind, 0) + 1
+    out["failures_by_kind"] = dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
     scored = [r for r in records if r["metrics"].get(spec.metric) is not None]
     out["n_scored"] = len(scored)
     if spec.metric == "pope" and scored:
@@ -453,6 +460,23 @@ def finalize(out: Path, info: RunInfo, loggers: list | None = None) -> dict:
     for lg in loggers or []:
         lg.finish(summary, records)
     return summary
+
+
+def error_kind(error: str) -> str:
+    """A record's error without what varies per sample: its type and the head of its message,
+    less names, numbers and bracketed parts ("OutOfMemoryError: CUDA out of memory",
+    "ValueError: not an image PIL can read", "ValueError: empty question")."""
+    head, _, msg = error.partition(": ")
+    msg = re.sub(r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\b\d[\d.,]*\b", "", msg)  # names, numbers, [Errno 2]
+    msg = " ".join(re.split(r"[.:(;,\n]", msg, maxsplit=1)[0].split())[:60]
+    return f"{head}: {msg}" if msg else head
+
+
+def failures_text(summary: dict) -> str:
+    """``failures 3 (2 OutOfMemoryError, 1 UnidentifiedImageError)`` for the printed line."""
+    kinds = summary.get("failures_by_kind") or {}
+    detail = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    return f"failures {summary['n_failures']}" + (f" ({detail})" if detail else "")
 
 
 def score_text(summary: dict) -> str:

@@ -151,7 +151,7 @@ def test_resume_refuses_records_of_other_data(tmp_path):
     assert rec.read_text() == stale
 
 
-def test_corrupt_image_and_empty_question_are_recorded_and_the_run_completes(tmp_path):
+def test_corrupt_image_and_empty_question_are_recorded_and_the_run_completes(tmp_path, capsys):
     from datasets import Dataset, Features, Image, Sequence, Value
     from PIL import Image as PILImage
 
@@ -188,6 +188,10 @@ def test_corrupt_image_and_empty_question_are_recorded_and_the_run_completes(tmp
     assert "corrupt" in recs and recs["corrupt"]["error"] and recs["corrupt"]["prediction"] is None
     assert "empty question" in recs["empty"]["error"]
     assert summary["n_samples"] == 3 and summary["n_failures"] == 2
+    # what failed, by kind, in the summary and on the printed line
+    kinds = {"ValueError: empty question": 1, "ValueError: not an image PIL can read": 1}
+    assert summary["failures_by_kind"] == kinds
+    assert f"| failures 2 ({', '.join(f'1 {k}' for k in kinds)}) |" in capsys.readouterr().out
 
 
 def test_missing_column_is_a_clear_error(tmp_path):

@@ -226,3 +226,26 @@ def test_a_gold_answer_the_metric_cannot_read_fails_that_sample_only():
     )
     assert rec["error"].startswith("scoring the prediction: ValueError: answer 'maybe'") and rec["prediction"] == "A"
     assert rec["metrics"] == {"multiple_choice": 0.0}
+
+
+@pytest.mark.parametrize(
+    "error, kind",
+    [
+        ("OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB", "OutOfMemoryError: CUDA out of memory"),
+        (
+            "ValueError: not an image PIL can read: 40 bytes starting b'\\x89PNG'",
+            "ValueError: not an image PIL can read",
+        ),
+        (
+            "FileNotFoundError: [Errno 2] No such file or directory: '/d/a.png'",
+            "FileNotFoundError: No such file or directory",
+        ),
+        ("KeyError: image '12' is not in the images split", "KeyError: image is not in the images split"),
+        ("scoring the prediction: ValueError: answer 'x' is neither", "scoring the prediction: ValueError"),
+        ("RuntimeError", "RuntimeError"),
+    ],
+)
+def test_error_kind_drops_what_varies_per_sample(error, kind):
+    from egg_eval.runner import error_kind
+
+    assert error_kind(error) == kind
