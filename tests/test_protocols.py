@@ -122,8 +122,10 @@ def test_a_local_copy_of_a_hub_dataset_is_read_from_its_config_folder(tmp_path):
     from egg_eval.data.toy import write_toy_subset
 
     hub = tmp_path / "hub"
+    flat_docvqa = None
     for config, name, n in (("DocVQA", "docvqa", 4), ("InfographicVQA", "infovqa", 2)):
         flat = write_toy_subset(name, tmp_path / name, n=n) or tmp_path / name
+        flat_docvqa = flat if name == "docvqa" else flat_docvqa
         (hub / config).mkdir(parents=True)
         for split in ("validation", "test"):
             shutil.copy(flat / f"{split}.parquet", hub / config / f"{split}-00000-of-00001.parquet")
@@ -138,6 +140,13 @@ def test_a_local_copy_of_a_hub_dataset_is_read_from_its_config_folder(tmp_path):
         match=r"no train\.parquet or train-\*\.parquet in .*DocVQA.*splits there: test, testdev, validation",
     ):
         next(iter_samples(spec, split="train", path=str(hub)))
+    # a folder that has testdev but no test: `test` is refused, not read from testdev (which
+    # the prefix fallback for other layouts used to take); `test_*.parquet` is still a test file
+    (hub / "DocVQA" / "test-00000-of-00001.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"splits there: testdev, validation"):
+        next(iter_samples(spec, split="test", path=str(hub)))
+    shutil.copy(flat_docvqa / "test.parquet", hub / "DocVQA" / "test_part1.parquet")
+    assert [s.answers for s in iter_samples(spec, split="test", path=str(hub))] == [[]] * 4
 
 
 def test_answers_take_the_checkpoints_repetition_penalty_unless_the_setting_overrides_it(tiny_paths):

@@ -195,13 +195,14 @@ def _split_dirs(root: Path, config: str | None) -> list[Path]:
 def split_files(root: Path, config: str | None, split: str) -> list[Path]:
     """The parquet files of ``split`` in the first of :func:`_split_dirs` that has any: named
     ``<split>.parquet`` or ``<split>-NNNNN-of-NNNNN.parquet`` as the hub names them (so that
-    split ``test`` never takes ``testdev-*``), else, for other layouts, ``<split>*.parquet``."""
+    split ``test`` never takes ``testdev-*``), else, for other layouts, ``<split>_*.parquet``
+    or ``<split>.*.parquet`` (never a longer split's name: ``test`` is not ``testdev``)."""
     for d in _split_dirs(root, config):
         files = sorted({*d.glob(f"{glob.escape(split)}.parquet"), *d.glob(f"{glob.escape(split)}-*.parquet")})
         if files:
             return files
     for d in _split_dirs(root, config):
-        files = sorted(d.glob(f"{glob.escape(split)}*.parquet"))
+        files = sorted({*d.glob(f"{glob.escape(split)}_*.parquet"), *d.glob(f"{glob.escape(split)}.*.parquet")})
         if files:
             return files
     return []
