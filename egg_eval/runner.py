@@ -156,6 +156,7 @@ def make_record(
         "n_forward": t.get("n_forward", 0),
         "n_backward": t.get("n_backward", 0),
         "n_tower": t.get("n_tower", 0),
+        "n_grounded": t.get("n_grounded", 0),
         "prefix_tokens": t.get("prefix_tokens", 0),
         "memory_fallbacks": t.get("memory_fallbacks", 0),
         "memory_limited": t.get("memory_limited", 0),

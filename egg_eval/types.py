@@ -103,6 +103,7 @@ class Counters:
     n_forward: int = 0
     n_backward: int = 0
     n_tower: int = 0  # vision-tower calls (each embeds one or more images)
+    n_grounded: int = 0  # views grounded, a map each (a batched backward grounds several)
     prefix_tokens: int = 0  # answer-prompt tokens taken from a grounding pass's cache, not run again
     time_ground_s: float = 0.0
     time_answer_s: float = 0.0

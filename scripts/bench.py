@@ -31,6 +31,7 @@ weights (no download): only timings and memory mean anything there, not answers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -47,6 +48,14 @@ METHODS = {  # each speed-up switched on in turn; "egg" is the default configura
     "egg": {},  # + passes planned to the activation budget (method.activation_memory_gb=auto)
     "egg_recompute_layers": {"checkpoint_layers": True},
 }
+# the fastest configuration (egg_reused_prefix) with one speed-up undone (egg_eval.undone): what it saves
+UNDONE = {
+    "egg_param_grads": "parameter gradients and the vision tower's graph, as the reference code",
+    "egg_no_map_cache": "every view of a round grounded again, the whole image in every round",
+    "egg_eager": "eager attention instead of SDPA",
+    "egg_fp32": "float32 weights (on a model loaded in bf16 or fp16)",
+}
+METHODS.update({m: {"activation_memory_gb": None} for m in UNDONE})
 
 
 CLIP_L336 = dict(  # openai/clip-vit-large-patch14-336, the tower of LLaVA-1.5 and LLaVA-1.6
@@ -161,6 +170,7 @@ def child(args):
     from egg_eval.grounding.refine import EggConfig, run_egg, run_vanilla
     from egg_eval.grounding.saliency import token_saliency
     from egg_eval.profiling import profile_phases
+    from egg_eval.undone import UNDONE as UNDONE_CM
 
     torch.set_num_threads(args.threads)
     t_load = time.perf_counter()
@@ -213,6 +223,10 @@ def child(args):
                 None if args.activation_memory_gb == "none" else float(args.activation_memory_gb)
             )
         cfg = EggConfig(**settings) if method != "vanilla" else None
+        undo = (lambda: UNDONE_CM[method](backbone)) if method in UNDONE else contextlib.nullcontext
+        if method == "egg_fp32" and backbone.dtype == torch.float32:
+            print(f"{method}: skipped, the model is float32 already (--dtype)", file=sys.stderr, flush=True)
+            return None
 
         def run(r):
             return (
@@ -224,13 +238,15 @@ def child(args):
         paired = cfg is not None and args.paired
 
         base_mem = memory()  # CPU: the peak RSS so far, i.e. the loaded model (a process per method)
-        run(warm)
+        with undo():
+            run(warm)
         if cuda:  # the peak from here on is this method's; what is allocated now is the model
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base_mem = memory()
         times, fwd, bwd, tower, fallbacks, limited, prefix = [float("inf")] * len(samples), [], [], [], 0, [], []
+        grounded = []
         recomputed = []
         answer_s = [0.0] * len(samples)  # of each sample's fastest run: the answer pass (the rest is grounding)
         plain = [float("inf")] * len(samples)  # --paired: the plain model, timed right before each run
@@ -238,13 +254,15 @@ def child(args):
             for i, r in enumerate(samples):
                 if paired:
                     plain[i] = min(plain[i], timed(lambda: run_vanilla(backbone, r["image"], text(r)))[0])  # noqa: B023
-                t, (_, trace) = timed(lambda: run(r))  # noqa: B023
+                with undo():  # entered and left outside the timing (a dtype cast, a switch of kernels)
+                    t, (_, trace) = timed(lambda: run(r))  # noqa: B023
                 if t < times[i]:
                     times[i], answer_s[i] = t, trace.counters.time_answer_s
                 if rep == 0:
                     fwd.append(trace.counters.n_forward)
                     bwd.append(trace.counters.n_backward)
                     tower.append(trace.counters.n_tower)
+                    grounded.append(trace.counters.n_grounded)
                     limited.append(trace.counters.memory_limited)
                     recomputed.append(trace.counters.recomputed_layers)
                     prefix.append(trace.counters.prefix_tokens)
@@ -253,7 +271,8 @@ def child(args):
         phases = None
         if args.profile:  # after the timings, which it would slow; a profiler that fails costs only this
             try:
-                phases = profile_phases(lambda: [run(r) for r in samples[: args.profile]], cuda)
+                with undo():
+                    phases = profile_phases(lambda: [run(r) for r in samples[: args.profile]], cuda)
             except Exception as e:  # e.g. no CUPTI on a GPU host
                 print(f"{method}: profile failed: {e!r}", file=sys.stderr, flush=True)
         return {
@@ -265,6 +284,7 @@ def child(args):
             "forward": statistics.mean(fwd),
             "backward": statistics.mean(bwd),
             "tower": statistics.mean(tower),
+            "grounded": statistics.mean(grounded),
             "memory_fallbacks": fallbacks,
             "memory_limited": statistics.mean(limited),
             "recomputed_layers": statistics.mean(recomputed),
@@ -277,7 +297,9 @@ def child(args):
         }
 
     for method in args.child.split(","):
-        print(json.dumps({method: measure(method)}), flush=True)
+        result = measure(method)
+        if result is not None:
+            print(json.dumps({method: result}), flush=True)
 
 
 def phase_table(profiled: dict, n: int, cuda: bool) -> str:
@@ -385,11 +407,12 @@ def main() -> None:
         + "\n"
     )
     print(
-        "| method | median s/sample | x vanilla | answer s | rest s | forward/sample | backward/sample | tower/sample "
+        "| method | median s/sample | x vanilla | answer s | rest s | forward/sample | backward/sample "
+        "| views grounded/sample | tower/sample "
         "| limited/sample | recomputed layers/sample | prefix tokens/sample "
         "| peak MB | x vanilla | above model MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|" + "---|" * 14)
     for m, r in results.items():
         if m == "passes":
             continue
@@ -403,6 +426,7 @@ def main() -> None:
             f"{r['median_rest_s']:.4f}",
             f"{r['forward']:.1f}",
             f"{r['backward']:.1f}",
+            f"{r.get('grounded', 0):.1f}",
             f"{r['tower']:.1f}",
             f"{r['memory_limited']:.1f}",
             f"{r.get('recomputed_layers', 0):.1f}",
@@ -412,6 +436,12 @@ def main() -> None:
             f"{r['extra_mb']:.0f}",
         ]
         print(f"| {m} | " + " | ".join(cells) + " |")
+    undone = [m for m in results if m in UNDONE]
+    if undone:
+        print(
+            "\neach a speed-up undone from the fastest configuration (compare with egg_reused_prefix): "
+            + "; ".join(f"{m}: {UNDONE[m]}" for m in undone)
+        )
     if args.paired:
         print(
             "\nx vanilla: against the plain model timed right before each run, on the same sample and in the same "

@@ -7,6 +7,8 @@
 # override them, e.g. --methods vanilla,egg --profile 0). Each family's table goes to
 # <out>/<family>.txt as it is produced (a run cut short keeps what it measured: bench.py
 # prints each method's numbers to stderr as they are taken).
+# UNDONE=1 adds the rows that undo one speed-up each from the fastest configuration
+# (egg_param_grads, egg_no_map_cache, egg_eager, egg_fp32; see egg_eval/undone.py), unprofiled.
 # WINDOWS=1 also times Qwen2.5-VL at 1024 px with the stock SDPA vision attention (one call per
 # window) and with the grouped one (one per window length), vanilla and EGG, 4 samples each.
 set -u
@@ -22,6 +24,11 @@ for family in ${families//,/ }; do
     python3 scripts/bench.py --backbone real --family "$family" --device cuda --dtype bfloat16 \
         --threads 8 --n 8 --repeats 1 --methods vanilla,egg_reused_features,egg_reused_prefix,egg --profile 2 \
         "$@" 2>&1 | tee "$out/$family.txt"
+    if [ "${UNDONE:-0}" != 0 ]; then
+        python3 scripts/bench.py --backbone real --family "$family" --device cuda --dtype bfloat16 --threads 8 \
+            --n 8 --repeats 1 --methods vanilla,egg_reused_prefix,egg_param_grads,egg_no_map_cache,egg_eager,egg_fp32 \
+            "$@" 2>&1 | tee "$out/${family}_undone.txt"
+    fi
 done
 if [ "${WINDOWS:-0}" != 0 ]; then
     for w in grouped stock; do

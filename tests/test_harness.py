@@ -29,6 +29,7 @@ RECORD_FIELDS = {
     "n_forward",
     "n_backward",
     "n_tower",
+    "n_grounded",
     "prefix_tokens",
     "memory_fallbacks",
     "memory_limited",

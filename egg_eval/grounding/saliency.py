@@ -146,6 +146,7 @@ def _ground_encoded(
 @in_phase("map")
 def _grounding(backbone: Backbone, enc, image: Image.Image, grads, value, logits, leaves) -> Grounding:
     """One view's :class:`Grounding` from its leaves' gradients (Eq. 4: a norm per token)."""
+    backbone.counters.n_grounded += 1
     scores = torch.cat([g.float().reshape(-1, g.shape[-1]).norm(dim=-1) for g in grads]).cpu().numpy()
     layout = backbone.token_layout(enc, 0, image.size)
     if scores.shape[0] != layout.n_tokens:
