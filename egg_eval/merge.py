@@ -112,11 +112,16 @@ def _merge(run_dir: Path, shards: dict, n: int, tables_dir: str | Path | None) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m egg_eval.merge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("run_dir", help="the run folder holding shard-i-of-N/ folders")
     ap.add_argument("--tables", default=None, help="tables folder (default: <output_root>/tables of the run's config)")
     args = ap.parse_args(argv)
-    s = merge(args.run_dir, args.tables)
+    try:
+        s = merge(args.run_dir, args.tables)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # what the merge refuses: said, not traced
+        ap.exit(2, f"{ap.prog}: cannot merge {args.run_dir}: {e}\n")
     print(
         f"merged {s['n_shards']} shards: {s['dataset']} | {s['backbone']} | {score_text(s)} "
         f"| samples {s['n_samples']} | {failures_text(s)} | {args.run_dir}"

@@ -51,11 +51,18 @@ def test_shards_merge_into_the_unsharded_run(tmp_path):
     assert (tmp_path / "sh" / "tables" / "textvqa_toy.csv").read_text().count("\n") == 2
 
 
-def test_merge_refuses_a_missing_shard_and_a_bad_index(tmp_path):
+def test_merge_refuses_a_missing_shard_and_a_bad_index(tmp_path, capsys):
     main(cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", "method=vanilla", "shard.count=2", "shard.index=1"))
     run_dir = next((tmp_path / "runs").glob("*/*/*"))
     with pytest.raises(FileNotFoundError, match=r"shards \[0\] of 2 are missing"):
         merge(run_dir)
+    # from the command line: the reason in one line and exit status 2, not a traceback
+    from egg_eval.merge import main as merge_main
+
+    with pytest.raises(SystemExit) as stop:
+        merge_main([str(run_dir)])
+    assert stop.value.code == 2
+    assert "cannot merge" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"shard\.index"):
         main(cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", "shard.count=2", "shard.index=2"))
 
