@@ -86,3 +86,53 @@ def profile_phases(fn: Callable[[], object], cuda: bool = False) -> dict[str, di
         "device_s": sum(d for _, d in launches) / 1e6,
     }
     return out
+
+
+def count_flops(fn: Callable[[], object]) -> dict[str, int]:
+    """Floating-point operations of ``fn()`` by the phase they ran in (the innermost open one;
+    ``other`` outside every phase) and ``all``: matrix products, convolutions and attention, as
+    ``torch.utils.flop_counter`` counts them (two per multiply-add), forward and backward, on
+    any device (CPU's fused SDPA kernels included, which its registry lacks). The rest
+    (norms, activations, softmax outside fused attention) is a few percent and not counted.
+    A hardware-independent cost: EGG's FLOPs over the plain model's is the ratio its time
+    approaches where the device is compute-bound."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+    from egg_eval.backbones import base
+
+    aten = torch.ops.aten
+    extra = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+
+        def cpu_sdpa(query, key, value, *args, out_val=None, **kwargs):
+            return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+        def cpu_sdpa_backward(grad_out, query, key, value, *args, out_val=None, **kwargs):
+            return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+        extra[aten._scaled_dot_product_flash_attention_for_cpu] = cpu_sdpa
+        extra[aten._scaled_dot_product_flash_attention_for_cpu_backward] = cpu_sdpa_backward
+    counts: dict[str, int] = {}
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            packet = func._overloadpacket
+            formula = flop_registry.get(packet) or extra.get(packet)
+            if formula is not None:
+                n = int(formula(*args, **kwargs, out_val=out))
+                where = base.PHASE_STACK[-1] if base.PHASE_STACK else "other"
+                counts[where] = counts.get(where, 0) + n
+                counts["all"] = counts.get("all", 0) + n
+            return out
+
+    previous, base.PHASE_STACK = base.PHASE_STACK, []
+    try:
+        with Counter():
+            fn()
+    finally:
+        base.PHASE_STACK = previous
+    return counts

@@ -6,11 +6,15 @@
     python scripts/bench.py --backbone real --family llava15 --layers 2     # real widths, 2 layers (CPU check)
     python scripts/bench.py --backbone real --family qwen25vl --image-size 1024 --device cuda --dtype bfloat16
 
+    python scripts/bench.py --backbone real --family internvl35 --layers 1 --n 2 --methods vanilla,egg --flops-only
+
 Prints, per method, the median seconds per sample, split into the answer pass and the rest
 (grounding, regions, crops; each a median over samples, so the two need not add up),
 forward and backward passes and vision-tower calls per sample and the peak memory, and,
 for one view, one grounding pass (forward + backward to the visual tokens) against one
-plain forward. Each method first runs on one extra sample (not counted).
+plain forward. Each method first runs on one extra sample (not counted). ``--flops N`` also
+counts the FLOPs of N samples per method by phase; ``--flops-only`` counts them (and the
+passes) without timing, scaled to the family's full depth where ``--layers`` cut the decoder.
 
 With ``--paired`` (the default) the plain model is also timed right before each EGG run, on
 the same sample in the same process, and "x vanilla" is taken from those timings: a shared
@@ -63,6 +67,9 @@ CLIP_L336 = dict(  # openai/clip-vit-large-patch14-336, the tower of LLaVA-1.5 a
     image_size=336, patch_size=14, projection_dim=768,
 )  # fmt: skip
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6-mistral-7b-hf
+
+
+COUNTERS = {"forward": "n_forward", "backward": "n_backward", "grounded": "n_grounded", "tower": "n_tower"}
 
 
 def real_size(family: str, layers: int | None, device, dtype):
@@ -169,7 +176,7 @@ def child(args):
     from egg_eval.data.detail import rows
     from egg_eval.grounding.refine import EggConfig, run_egg, run_vanilla
     from egg_eval.grounding.saliency import token_saliency
-    from egg_eval.profiling import profile_phases
+    from egg_eval.profiling import count_flops, profile_phases
     from egg_eval.undone import UNDONE as UNDONE_CM
 
     torch.set_num_threads(args.threads)
@@ -236,6 +243,16 @@ def child(args):
             )
 
         paired = cfg is not None and args.paired
+        if args.flops_only:  # no timing: the FLOPs and passes of the first --flops samples
+            traces = []
+            with undo():
+                counted = count_flops(lambda: traces.extend(run(r)[1] for r in samples[: args.flops]))
+            c = [t.counters for t in traces]
+            return {
+                "flops": {k: v / len(traces) for k, v in counted.items()},
+                **{k: statistics.mean(getattr(x, a) for x in c) for k, a in COUNTERS.items()},
+                "rounds": statistics.mean(len(t.rounds) for t in traces),
+            }
 
         base_mem = memory()  # CPU: the peak RSS so far, i.e. the loaded model (a process per method)
         with undo():
@@ -275,8 +292,14 @@ def child(args):
                     phases = profile_phases(lambda: [run(r) for r in samples[: args.profile]], cuda)
             except Exception as e:  # e.g. no CUPTI on a GPU host
                 print(f"{method}: profile failed: {e!r}", file=sys.stderr, flush=True)
+        flops = None
+        if args.flops:  # FLOPs per sample by phase (hardware-independent; after the timings, which it would slow)
+            with undo():
+                counted = count_flops(lambda: [run(r) for r in samples[: args.flops]])
+            flops = {k: v / min(args.flops, len(samples)) for k, v in counted.items()}
         return {
             **({"phases": phases} if phases else {}),
+            **({"flops": flops} if flops else {}),
             "median_s": statistics.median(times),
             **({"paired_vanilla_s": statistics.median(plain)} if paired else {}),
             "median_answer_s": statistics.median(answer_s),
@@ -331,6 +354,59 @@ def phase_table(profiled: dict, n: int, cuda: bool) -> str:
     return "\n".join(lines)
 
 
+def flops_table(counted: dict, n: int) -> str:
+    """Markdown: per method, GFLOPs per sample by phase, all, and all against the plain model's."""
+    from egg_eval.backbones.base import PHASES
+
+    cols = [p for p in [*PHASES, "other"] if any(p in c for c in counted.values())]
+    van = counted.get("vanilla", {}).get("all")
+    lines = [
+        f"\nGFLOPs per sample ({n} samples per method; matmuls, convolutions and attention, forward and "
+        "backward, by the innermost phase; 'other': the projector of grounded views, outside the tower):",
+        "| method | " + " | ".join(cols) + " | all | x vanilla |",
+        "|---|" + "---|" * (len(cols) + 2),
+    ]
+    for m, c in counted.items():
+        cells = [f"{c[p] / 1e9:.3g}" if p in c else "-" for p in cols]
+        ratio = f"{c['all'] / van:.2f}" if van else "-"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {c['all'] / 1e9:.3g} | {ratio} |")
+    return "\n".join(lines)
+
+
+DEPTH = {"llava15": 32, "llava16": 32, "qwen25vl": 28, "internvl35": 36}  # decoder layers of the published models
+
+
+def flops_only_report(args, results: dict) -> str:
+    """--flops-only: passes and GFLOPs per sample; with ``--backbone real --layers l``, also
+    scaled to the family's full depth: the grounding passes' and the answer's FLOPs are the
+    decoder's (plus a one-token lm_head), so they scale by depth / l; the tower's and the
+    projector's do not."""
+    depth = DEPTH.get(args.family) if args.backbone == "real" and args.layers else None
+    lines = [
+        f"backbone={args.backbone} family={args.family} image={args.image_size or 320}px "
+        f"device={args.device} dtype={args.dtype} layers={args.layers or 'all'}: FLOPs of {args.flops} samples\n",
+        "| method | rounds | forward | backward | views grounded | tower calls | GFLOPs | x vanilla"
+        + (f" | GFLOPs at {depth} layers | x vanilla at {depth} layers" if depth else "")
+        + " |",
+        "|---|" + "---|" * (9 if depth else 7),
+    ]
+
+    def full(c: dict) -> float:
+        decoder = sum(c.get(p, 0) for p in ("forward", "backward", "answer"))
+        return c["all"] + decoder * (depth / args.layers - 1)
+
+    van = results.get("vanilla", {}).get("flops")
+    for m, r in results.items():
+        c = r["flops"]
+        cells = [f"{r['rounds']:.1f}"] + [f"{r[k]:.1f}" for k in COUNTERS] + [f"{c['all'] / 1e9:.1f}"]
+        cells.append(f"{c['all'] / van['all']:.2f}" if van else "-")
+        if depth:
+            cells += [f"{full(c) / 1e9:.0f}", f"{full(c) / full(van):.2f}" if van else "-"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append(flops_table({m: r["flops"] for m, r in results.items()}, args.flops))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="toy", help="toy | tiny | real | a hub id or local path")
@@ -368,6 +444,18 @@ def main() -> None:
         help="also run N samples per method under torch.profiler and print their time by EGG's phases",
     )
     ap.add_argument(
+        "--flops",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also count the FLOPs of N samples per method, by phase (matmuls, convolutions, attention)",
+    )
+    ap.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="count FLOPs (of --flops N samples, default --n) and passes only, no timing: for real widths on a CPU",
+    )
+    ap.add_argument(
         "--stock-windows",
         action="store_true",
         help="qwen25vl: the stock SDPA vision attention, one call per window (default: one per window length)",
@@ -379,11 +467,13 @@ def main() -> None:
     for flag, family in (("max_tiles", "internvl35"), ("max_pixels", "qwen25vl")):
         if getattr(args, flag) is not None and args.family != family:
             ap.error(f"--{flag.replace('_', '-')} applies to --family {family} only")
+    if args.flops_only:
+        args.flops = args.flops or args.n
     if args.child:
         child(args)
         return
     base = [sys.executable, __file__] + [a for a in sys.argv[1:]]
-    methods = [*args.methods.split(","), "passes"]
+    methods = [*args.methods.split(","), *([] if args.flops_only else ["passes"])]
     one = args.processes == "one" or (args.processes == "auto" and args.device.startswith("cuda"))
     results = {}
     for group in [methods] if one else [[m] for m in methods]:
@@ -398,6 +488,10 @@ def main() -> None:
         if proc.wait():
             raise SystemExit(f"{','.join(group)} failed (its error is above)")
     van = results.get("vanilla")
+    if args.flops_only:
+        print(flops_only_report(args, results))
+        print(json.dumps(results))
+        return
     print(
         f"backbone={args.backbone} family={args.family} n={args.n} image={args.image_size or 320}px "
         f"repeats={args.repeats} device={args.device} dtype={args.dtype} layers={args.layers or 'all'}"
@@ -458,6 +552,9 @@ def main() -> None:
     profiled = {m: r["phases"] for m, r in results.items() if r.get("phases")}
     if profiled:
         print(phase_table(profiled, args.profile, args.device.startswith("cuda")))
+    counted = {m: r["flops"] for m, r in results.items() if r.get("flops")}
+    if counted:
+        print(flops_table(counted, args.flops))
     p = results["passes"]
     print(
         f"\none view: plain forward {p['forward_s'] * 1000:.1f} ms, grounding pass (forward + backward to the "

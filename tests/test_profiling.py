@@ -48,3 +48,43 @@ def test_profile_marks_every_phase_once_per_call(tiny_backbones, family):
     plain = profile_phases(lambda: run_vanilla(bb, image, "What is it?"))
     assert set(plain) == {"processor", "tower", "answer", "all"}
     assert plain["tower"]["calls"] == plain["answer"]["calls"] == 1
+
+
+def test_count_flops_counts_products_and_attention_by_phase():
+    import torch
+
+    from egg_eval.backbones import base
+    from egg_eval.profiling import count_flops
+
+    lin = torch.nn.Linear(4, 3, bias=False)
+    x = torch.randn(2, 4, requires_grad=True)
+    q = k = v = torch.randn(1, 1, 4, 8)
+
+    def work():
+        with base.phase("forward"):
+            y = lin(x)  # 2 x 4 x 3 multiply-adds: 48 FLOPs
+            with base.phase("tower"):  # the innermost phase takes it
+                torch.nn.functional.scaled_dot_product_attention(q, k, v)  # QK^T and AV: 2 x 2 x 4 x 4 x 8
+        with base.phase("backward"):
+            torch.autograd.grad(y.sum(), x)  # the input's gradient only: one 2 x 3 x 4 product
+        lin(x)  # outside every phase
+
+    counts = count_flops(work)
+    assert counts == {"forward": 48, "tower": 512, "backward": 48, "other": 48, "all": 656}
+    assert base.PHASE_STACK is None  # phases are tracked only while counting
+    lin.requires_grad_(False)
+    assert count_flops(lambda: torch.autograd.grad(lin(x).sum(), x))["all"] == 48 + 48
+
+
+def test_count_flops_of_a_run_splits_egg_by_phase(tiny_backbones):
+    from egg_eval.profiling import count_flops
+
+    bb = tiny_backbones["qwen25vl"]
+    image = noise_image(150, 100, seed=3)
+    plain = count_flops(lambda: run_vanilla(bb, image, "What is it?"))
+    egg = count_flops(lambda: run_egg(bb, image, "What is it?", EggConfig()))
+    assert set(plain) == {"tower", "answer", "all"} and plain["all"] == plain["tower"] + plain["answer"]
+    assert {"tower", "forward", "backward", "answer"} <= set(egg) and egg["all"] > plain["all"]
+    # the backward to the visual tokens costs more than its forward (attention's backward), but
+    # without weight gradients less than twice as much
+    assert egg["forward"] < egg["backward"] < 2 * egg["forward"]

@@ -205,6 +205,8 @@ def test_bench_script_prints_its_table():
             "one",
             "--profile",
             "1",
+            "--flops",
+            "1",
         ],
         capture_output=True,
         text=True,
@@ -217,6 +219,26 @@ def test_bench_script_prints_its_table():
         assert [shared[m][k] for k in ("forward", "backward", "grounded")] == [
             shared["egg"][k] for k in ("forward", "backward", "grounded")
         ]
+    # --flops: FLOPs per sample by phase; weight gradients are FLOPs the default does not spend
+    flops = {m: shared[m]["flops"] for m in ("vanilla", "egg", "egg_param_grads", "egg_eager")}
+    assert "GFLOPs per sample" in one and flops["egg"]["all"] > flops["vanilla"]["all"] > 0
+    assert flops["egg_param_grads"]["backward"] > 1.5 * flops["egg"]["backward"]
+    assert flops["egg_param_grads"]["forward"] == flops["egg"]["forward"]
+    # --flops-only: no timing, the FLOPs and passes of each method, scaled to the family's
+    # depth where --layers cut the decoder
+    counted = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            *["--backbone", "tiny", "--n", "1", "--methods", "vanilla,egg", "--flops-only", "--processes", "one"],
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    only = json.loads(counted.strip().splitlines()[-1])
+    assert set(only) == {"vanilla", "egg"} and "median_s" not in only["egg"]
+    assert only["egg"]["flops"]["all"] > only["vanilla"]["flops"]["all"] and only["egg"]["backward"] >= 1
     # --profile: each method's time by phase, printed as a table
     assert "backward" in shared["egg"]["phases"] and "backward" not in shared["vanilla"]["phases"]
     assert "by phase" in one and "| egg | " in one.split("by phase")[1]
@@ -283,3 +305,27 @@ def test_gpu_check_dry_runs_on_the_tiny_models():
     # the check bites: under a tolerance no gap can meet, the family fails and the exit status counts it
     strict = subprocess.run([*cmd, "--families", "llava16", "--tolerance", "-1"], capture_output=True, text=True)
     assert strict.returncode == 1 and "above --tolerance -1.0" in strict.stderr and "FAILED" in strict.stdout
+
+
+def test_flops_cut_to_a_few_layers_are_scaled_to_the_familys_depth():
+    """``--flops-only --layers l`` at real widths: the grounding passes' and the answer's FLOPs
+    are the decoder's, so they scale by depth / l; the tower's and the projector's do not."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("bench", Path(__file__).parent.parent / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = SimpleNamespace(backbone="real", family="llava15", layers=2, flops=1, image_size=None, device="cpu")
+    args.dtype = "float32"
+    passes = {"forward": 1, "backward": 0, "grounded": 0, "tower": 1, "rounds": 0}
+    results = {
+        "vanilla": {**passes, "flops": {"tower": 10e9, "answer": 4e9, "all": 14e9}},
+        "egg": {**passes, "flops": {"tower": 20e9, "other": 1e9, "forward": 2e9, "backward": 3e9, "answer": 5e9}},
+    }
+    results["egg"]["flops"]["all"] = 31e9
+    text = bench.flops_only_report(args, results)
+    vanilla_32 = 10 + 4 * 16  # 74 GFLOPs at 32 layers
+    egg_32 = 20 + 1 + (2 + 3 + 5) * 16  # 181
+    assert f"| vanilla | 0.0 | 1.0 | 0.0 | 0.0 | 1.0 | 14.0 | 1.00 | {vanilla_32} | 1.00 |" in text
+    assert f"| egg | 0.0 | 1.0 | 0.0 | 0.0 | 1.0 | 31.0 | 2.21 | {egg_32} | {egg_32 / vanilla_32:.2f} |" in text
