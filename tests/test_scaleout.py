@@ -164,21 +164,12 @@ def test_bench_script_prints_its_table():
     import sys
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--backbone",
-            "tiny",
-            "--n",
-            "2",
-            "--methods",
-            "vanilla,egg_one_view_per_pass,egg_reused_prefix,egg,egg_no_map_cache",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+
+    def bench(methods: str, *more: str) -> str:
+        cmd = [sys.executable, str(script), "--backbone", "tiny", "--n", "2", "--methods", methods, *more]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+    out = bench("vanilla,egg_one_view_per_pass,egg_reused_prefix,egg,egg_no_map_cache")
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert {"vanilla", "egg_one_view_per_pass", "egg", "egg_no_map_cache"} <= set(rows)
     results = json.loads(out.strip().splitlines()[-1])
@@ -191,27 +182,7 @@ def test_bench_script_prints_its_table():
     assert again["grounded"] >= once["grounded"] >= 1 and again["forward"] == once["forward"]
     assert "egg_no_map_cache: every view of a round grounded again" in out
     # all methods in one process (the GPU default): the same work per method
-    one = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--backbone",
-            "tiny",
-            "--n",
-            "2",
-            "--methods",
-            "vanilla,egg,egg_param_grads,egg_eager,egg_fp32",
-            "--processes",
-            "one",
-            "--profile",
-            "1",
-            "--flops",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    one = bench("vanilla,egg,egg_param_grads,egg_eager,egg_fp32", *"--processes one --profile 1 --flops 1".split())
     shared = json.loads(one.strip().splitlines()[-1])
     # egg_fp32 is skipped on a float32 model; the others run what egg runs, another way
     assert set(shared) == {"vanilla", "egg", "egg_param_grads", "egg_eager", "passes"}
@@ -226,16 +197,7 @@ def test_bench_script_prints_its_table():
     assert flops["egg_param_grads"]["forward"] == flops["egg"]["forward"]
     # --flops-only: no timing, the FLOPs and passes of each method, scaled to the family's
     # depth where --layers cut the decoder
-    counted = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            *["--backbone", "tiny", "--n", "1", "--methods", "vanilla,egg", "--flops-only", "--processes", "one"],
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    counted = bench("vanilla,egg", "--flops-only", "--processes", "one")
     only = json.loads(counted.strip().splitlines()[-1])
     assert set(only) == {"vanilla", "egg"} and "median_s" not in only["egg"]
     assert only["egg"]["flops"]["all"] > only["vanilla"]["flops"]["all"] and only["egg"]["backward"] >= 1
