@@ -182,7 +182,9 @@ def test_bench_script_prints_its_table():
     assert again["grounded"] >= once["grounded"] >= 1 and again["forward"] == once["forward"]
     assert "egg_no_map_cache: every view of a round grounded again" in out
     # all methods in one process (the GPU default): the same work per method
-    one = bench("vanilla,egg,egg_param_grads,egg_eager,egg_fp32", *"--processes one --profile 1 --flops 1".split())
+    one = bench(
+        "vanilla,egg,egg_param_grads,egg_eager,egg_fp32", "--processes", "one", "--profile", "1", "--flops", "1"
+    )
     shared = json.loads(one.strip().splitlines()[-1])
     # egg_fp32 is skipped on a float32 model; the others run what egg runs, another way
     assert set(shared) == {"vanilla", "egg", "egg_param_grads", "egg_eager", "passes"}
