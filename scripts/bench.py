@@ -373,6 +373,17 @@ def flops_table(counted: dict, n: int) -> str:
     return "\n".join(lines)
 
 
+def header(args) -> str:
+    """The run's settings, the first line of its output."""
+    return (
+        f"backbone={args.backbone} family={args.family} n={args.n} image={args.image_size or 320}px "
+        f"repeats={args.repeats} device={args.device} dtype={args.dtype} layers={args.layers or 'all'}"
+        + (" vision-windows=stock" if args.stock_windows else "")
+        + (f" max-tiles={args.max_tiles}" if args.max_tiles is not None else "")
+        + (f" max-pixels={args.max_pixels}" if args.max_pixels is not None else "")
+    )
+
+
 DEPTH = {"llava15": 32, "llava16": 32, "qwen25vl": 28, "internvl35": 36}  # decoder layers of the published models
 
 
@@ -383,8 +394,7 @@ def flops_only_report(args, results: dict) -> str:
     projector's do not."""
     depth = DEPTH.get(args.family) if args.backbone == "real" and args.layers else None
     lines = [
-        f"backbone={args.backbone} family={args.family} image={args.image_size or 320}px "
-        f"device={args.device} dtype={args.dtype} layers={args.layers or 'all'}: FLOPs of {args.flops} samples\n",
+        f"{header(args)}: FLOPs of {args.flops} samples\n",
         "| method | rounds | forward | backward | views grounded | tower calls | GFLOPs | x vanilla"
         + (f" | GFLOPs at {depth} layers | x vanilla at {depth} layers" if depth else "")
         + " |",
@@ -492,14 +502,7 @@ def main() -> None:
         print(flops_only_report(args, results))
         print(json.dumps(results))
         return
-    print(
-        f"backbone={args.backbone} family={args.family} n={args.n} image={args.image_size or 320}px "
-        f"repeats={args.repeats} device={args.device} dtype={args.dtype} layers={args.layers or 'all'}"
-        + (" vision-windows=stock" if args.stock_windows else "")
-        + (f" max-tiles={args.max_tiles}" if args.max_tiles is not None else "")
-        + (f" max-pixels={args.max_pixels}" if args.max_pixels is not None else "")
-        + "\n"
-    )
+    print(header(args) + "\n")
     print(
         "| method | median s/sample | x vanilla | answer s | rest s | forward/sample | backward/sample "
         "| views grounded/sample | tower/sample "

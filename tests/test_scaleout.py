@@ -280,8 +280,8 @@ def test_flops_cut_to_a_few_layers_are_scaled_to_the_familys_depth():
     spec = importlib.util.spec_from_file_location("bench", Path(__file__).parent.parent / "scripts" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    args = SimpleNamespace(backbone="real", family="llava15", layers=2, flops=1, image_size=None, device="cpu")
-    args.dtype = "float32"
+    args = SimpleNamespace(backbone="real", family="llava15", layers=2, flops=1, n=1, image_size=None, repeats=1)
+    args.__dict__.update(device="cpu", dtype="float32", stock_windows=False, max_tiles=None, max_pixels=None)
     passes = {"forward": 1, "backward": 0, "grounded": 0, "tower": 1, "rounds": 0}
     results = {
         "vanilla": {**passes, "flops": {"tower": 10e9, "answer": 4e9, "all": 14e9}},
