@@ -69,7 +69,23 @@ CLIP_L336 = dict(  # openai/clip-vit-large-patch14-336, the tower of LLaVA-1.5 a
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6-mistral-7b-hf
 
 
-COUNTERS = {"forward": "n_forward", "backward": "n_backward", "grounded": "n_grounded", "tower": "n_tower"}
+DEPTH = {"llava15": 32, "llava16": 32, "qwen25vl": 28, "internvl35": 36}  # decoder layers of the published models
+# result key -> the per-sample counter (egg_eval.types.Counters) whose mean over samples it reports
+COUNTERS = {
+    "forward": "n_forward",
+    "backward": "n_backward",
+    "grounded": "n_grounded",
+    "tower": "n_tower",
+    "memory_limited": "memory_limited",
+    "recomputed_layers": "recomputed_layers",
+    "prefix_tokens": "prefix_tokens",
+}
+PASSES = ("forward", "backward", "grounded", "tower")  # the --flops-only table's columns
+
+
+def counter_means(counters: list) -> dict[str, float]:
+    """The mean over samples of each of :data:`COUNTERS`."""
+    return {k: statistics.mean(getattr(c, a) for c in counters) for k, a in COUNTERS.items()}
 
 
 def real_size(family: str, layers: int | None, device, dtype):
@@ -86,11 +102,12 @@ def real_size(family: str, layers: int | None, device, dtype):
     if family not in FAMILIES:
         raise SystemExit(f"--backbone real knows {', '.join(FAMILIES)}, not {family!r}")
     tok = build_tokenizer()
+    depth = layers or DEPTH[family]
     sizes = {
         "llava15": dict(
             vision=CLIP_L336,
             text=dict(  # vicuna-7b-v1.5
-                vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers or 32,
+                vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=depth,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
             ),
             image={"side": 336},
@@ -98,7 +115,7 @@ def real_size(family: str, layers: int | None, device, dtype):
         "llava16": dict(
             vision=CLIP_L336,
             text=dict(  # Mistral-7B-Instruct-v0.2
-                vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers or 32,
+                vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=depth,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
                 rope_theta=1e6, sliding_window=None,
             ),
@@ -111,7 +128,7 @@ def real_size(family: str, layers: int | None, device, dtype):
                 fullatt_block_indexes=[7, 15, 23, 31],
             ),
             text=dict(
-                vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers or 28,
+                vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=depth,
                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
                 rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
             ),
@@ -122,7 +139,7 @@ def real_size(family: str, layers: int | None, device, dtype):
                 hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
             ),
             text=dict(  # Qwen3-8B
-                vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=layers or 36,
+                vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=depth,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                 rope_theta=1e6,
             ),
@@ -247,10 +264,9 @@ def child(args):
             traces = []
             with undo():
                 counted = count_flops(lambda: traces.extend(run(r)[1] for r in samples[: args.flops]))
-            c = [t.counters for t in traces]
             return {
                 "flops": {k: v / len(traces) for k, v in counted.items()},
-                **{k: statistics.mean(getattr(x, a) for x in c) for k, a in COUNTERS.items()},
+                **counter_means([t.counters for t in traces]),
                 "rounds": statistics.mean(len(t.rounds) for t in traces),
             }
 
@@ -262,9 +278,7 @@ def child(args):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base_mem = memory()
-        times, fwd, bwd, tower, fallbacks, limited, prefix = [float("inf")] * len(samples), [], [], [], 0, [], []
-        grounded = []
-        recomputed = []
+        times, counters, fallbacks = [float("inf")] * len(samples), [], 0
         answer_s = [0.0] * len(samples)  # of each sample's fastest run: the answer pass (the rest is grounding)
         plain = [float("inf")] * len(samples)  # --paired: the plain model, timed right before each run
         for rep in range(args.repeats):
@@ -276,13 +290,7 @@ def child(args):
                 if t < times[i]:
                     times[i], answer_s[i] = t, trace.counters.time_answer_s
                 if rep == 0:
-                    fwd.append(trace.counters.n_forward)
-                    bwd.append(trace.counters.n_backward)
-                    tower.append(trace.counters.n_tower)
-                    grounded.append(trace.counters.n_grounded)
-                    limited.append(trace.counters.memory_limited)
-                    recomputed.append(trace.counters.recomputed_layers)
-                    prefix.append(trace.counters.prefix_tokens)
+                    counters.append(trace.counters)
                 fallbacks += trace.counters.memory_fallbacks
         peak = memory()
         phases = None
@@ -304,14 +312,8 @@ def child(args):
             **({"paired_vanilla_s": statistics.median(plain)} if paired else {}),
             "median_answer_s": statistics.median(answer_s),
             "median_rest_s": statistics.median(t - a for t, a in zip(times, answer_s)),
-            "forward": statistics.mean(fwd),
-            "backward": statistics.mean(bwd),
-            "tower": statistics.mean(tower),
-            "grounded": statistics.mean(grounded),
+            **counter_means(counters),
             "memory_fallbacks": fallbacks,
-            "memory_limited": statistics.mean(limited),
-            "recomputed_layers": statistics.mean(recomputed),
-            "prefix_tokens": statistics.mean(prefix),
             "peak_mb": peak / 2**20,
             "extra_mb": (peak - base_mem) / 2**20,
             "device": str(backbone.device),
@@ -384,9 +386,6 @@ def header(args) -> str:
     )
 
 
-DEPTH = {"llava15": 32, "llava16": 32, "qwen25vl": 28, "internvl35": 36}  # decoder layers of the published models
-
-
 def flops_only_report(args, results: dict) -> str:
     """--flops-only: passes and GFLOPs per sample; with ``--backbone real --layers l``, also
     scaled to the family's full depth: the grounding passes' and the answer's FLOPs are the
@@ -408,7 +407,7 @@ def flops_only_report(args, results: dict) -> str:
     van = results.get("vanilla", {}).get("flops")
     for m, r in results.items():
         c = r["flops"]
-        cells = [f"{r['rounds']:.1f}"] + [f"{r[k]:.1f}" for k in COUNTERS] + [f"{c['all'] / 1e9:.1f}"]
+        cells = [f"{r['rounds']:.1f}"] + [f"{r[k]:.1f}" for k in PASSES] + [f"{c['all'] / 1e9:.1f}"]
         cells.append(f"{c['all'] / van['all']:.2f}" if van else "-")
         if depth:
             cells += [f"{full(c) / 1e9:.0f}", f"{full(c) / full(van):.2f}" if van else "-"]
