@@ -161,6 +161,7 @@ def make_record(
         "memory_fallbacks": t.get("memory_fallbacks", 0),
         "memory_limited": t.get("memory_limited", 0),
         "recomputed_layers": t.get("recomputed_layers", 0),
+        "lean_passes": t.get("lean_passes", 0),
         "time_ground_s": t.get("time_ground_s", 0.0),
         "time_answer_s": t.get("time_answer_s", 0.0),
         "time_s": elapsed,
@@ -209,6 +210,8 @@ def aggregate(records: list[dict], spec: BenchmarkSpec) -> dict[str, Any]:
         out["memory_limited"] = sum(r.get("memory_limited", 0) for r in ok)
         # decoder layers those passes recomputed in their backward (num_layers = one forward)
         out["recomputed_layers"] = sum(r.get("recomputed_layers", 0) for r in ok)
+        # passes of those that kept lean activations (egg_eval.backbones.lean)
+        out["lean_passes"] = sum(r.get("lean_passes", 0) for r in ok)
     return out
 
 

@@ -116,6 +116,8 @@ class Counters:
     # decoder layers recomputed in grounding backwards, summed over passes (each costs one
     # more forward of that layer; num_layers of them = one more forward of the prompt)
     recomputed_layers: int = 0
+    # grounding passes run with lean activations to stay within it (egg_eval.backbones.lean)
+    lean_passes: int = 0
 
 
 @dataclass

@@ -78,6 +78,7 @@ COUNTERS = {
     "tower": "n_tower",
     "memory_limited": "memory_limited",
     "recomputed_layers": "recomputed_layers",
+    "lean_passes": "lean_passes",
     "prefix_tokens": "prefix_tokens",
 }
 PASSES = ("forward", "backward", "grounded", "tower")  # the --flops-only table's columns
@@ -505,10 +506,10 @@ def main() -> None:
     print(
         "| method | median s/sample | x vanilla | answer s | rest s | forward/sample | backward/sample "
         "| views grounded/sample | tower/sample "
-        "| limited/sample | recomputed layers/sample | prefix tokens/sample "
+        "| limited/sample | lean/sample | recomputed layers/sample | prefix tokens/sample "
         "| peak MB | x vanilla | above model MB |"
     )
-    print("|---|" + "---|" * 14)
+    print("|---|" + "---|" * 15)
     for m, r in results.items():
         if m == "passes":
             continue
@@ -525,6 +526,7 @@ def main() -> None:
             f"{r.get('grounded', 0):.1f}",
             f"{r['tower']:.1f}",
             f"{r['memory_limited']:.1f}",
+            f"{r.get('lean_passes', 0):.1f}",
             f"{r.get('recomputed_layers', 0):.1f}",
             f"{r.get('prefix_tokens', 0):.0f}",
             f"{r['peak_mb']:.0f}",

@@ -34,6 +34,7 @@ RECORD_FIELDS = {
     "memory_fallbacks",
     "memory_limited",
     "recomputed_layers",
+    "lean_passes",
     "time_ground_s",
     "time_answer_s",
     "time_s",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import noise_image
 
-from egg_eval.backbones.base import capture_layer_output
+from egg_eval.backbones.base import MemoryPlan, capture_layer_output
 from egg_eval.grounding.saliency import entropy, entropy_top_p, max_prob, saved_bytes_per_token, token_saliency
 
 Q = "What is the digit in the red square?"
@@ -272,66 +272,81 @@ def test_recomputed_layers_hold_fewer_saved_activations(tiny_backbones):
 
 def test_activation_estimate_bounds_what_autograd_keeps(tiny_backbones, family):
     """The budget's estimate must not undercount the tensors saved for the backward
-    (else a pass it lets through can run out of memory), nor overcount them grossly."""
+    (else a pass it lets through can run out of memory), nor overcount them grossly (lean and
+    bf16: tests/test_lean.py). The logit lens at layer 1 keeps one layer and what a pass keeps once."""
     bb = tiny_backbones[family]
     measured = saved_bytes_per_token(bb, noise_image(200, 150, seed=4), "What is written on the sign?")
     estimate = bb.activation_bytes_per_token()
     assert measured <= estimate <= 1.5 * measured, (measured, estimate)
-    assert bb.activation_bytes_per_token(layer=1) * bb.num_layers == estimate
+    per_layer, once = bb._saved_elements(lean=False)
+    assert bb.activation_bytes_per_token(layer=1) == int(1.1 * (per_layer + once) * 4)
+    assert estimate == int(1.1 * (bb.num_layers * per_layer + once) * 4)
 
 
-def test_memory_budget_splits_a_batch_then_recomputes_layers(tiny_backbones, family, monkeypatch):
-    """Over the budget, a batch is grounded one view at a time; a view over it alone has the
-    fewest leading layers recomputed that bring it within. The maps are the same in every case."""
+def test_memory_budget_splits_a_batch_then_goes_lean_then_recomputes_layers(tiny_backbones, family, monkeypatch):
+    """Over the budget, a batch is grounded one view at a time (where it does not fit lean
+    either); a view over it alone keeps lean activations, and recomputes the fewest leading
+    layers that bring it within where that is not enough. The maps are the same in every case."""
     from egg_eval.grounding.saliency import token_saliency_batch
 
     bb = tiny_backbones[family]
     views = [noise_image(120, 90, seed=1), noise_image(60, 80, seed=2), noise_image(200, 200, seed=3)]
     q = "What is it?"
     lengths = [bb.encode([v], q)["input_ids"].shape[-1] for v in views]
-    per_token = bb.activation_bytes_per_token()
+    longest = max(lengths)
     bb.counters.__init__()
-    free = token_saliency_batch(bb, views, q, memory_budget=per_token * len(views) * max(lengths))
+    free = token_saliency_batch(bb, views, q, memory_budget=bb.pass_activation_bytes(len(views) * longest))
     assert (bb.counters.n_backward, bb.counters.memory_limited) == (1, 0)  # exactly fits: one batch
     bb.counters.__init__()
-    split = token_saliency_batch(bb, views, q, memory_budget=per_token * max(lengths))
-    assert (bb.counters.n_backward, bb.counters.memory_limited) == (3, 1)  # one pass per view, none recomputed
-    bb.counters.__init__()
+    split = token_saliency_batch(bb, views, q, memory_budget=bb.pass_activation_bytes(longest))
+    assert (bb.counters.n_backward, bb.counters.memory_limited) == (3, 1)  # one pass per view, as they are
+    assert (bb.counters.lean_passes, bb.counters.recomputed_layers) == (0, 0)
+    results = [free, split]
     checkpointed, real = [], torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: checkpointed.append(1) or real(*a, **k))
-    budget = per_token * (max(lengths) - 1)
-    tight = token_saliency_batch(bb, views, q, memory_budget=budget)
-    assert bb.counters.n_backward == 3
-    # the batch split, and each view of the longest prompt recomputed one layer (of two):
-    # one is enough, since a recomputed layer holds one hidden state per token, not its activations
-    n_long = lengths.count(max(lengths))
-    assert bb.layers_to_recompute(max(lengths), None, budget) == 1 < bb.num_layers
-    assert bb.counters.memory_limited == 1 + n_long and len(checkpointed) == n_long
-    assert bb.counters.recomputed_layers == n_long
-    for a, b, c in zip(free, split, tight):
-        np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4, atol=1e-5 * a.scores.max())
-        np.testing.assert_allclose(c.scores, a.scores, rtol=1e-4, atol=1e-5 * a.scores.max())
+    for budget, recompute in (
+        (bb.pass_activation_bytes(longest) - 1, 0),  # the longest view fits lean
+        (bb.pass_activation_bytes(longest, lean=True) - 1, 1),  # ... lean with one layer recomputed
+    ):
+        bb.counters.__init__()
+        checkpointed.clear()
+        results.append(token_saliency_batch(bb, views, q, memory_budget=budget))
+        plans = [bb.memory_plan(n, None, budget) for n in lengths]
+        assert plans[lengths.index(longest)] == MemoryPlan(lean=True, recompute=recompute)
+        assert bb.counters.n_backward == 3
+        assert bb.counters.memory_limited == 1 + sum(p != MemoryPlan() for p in plans)
+        assert bb.counters.lean_passes == sum(p.lean for p in plans) >= lengths.count(longest)
+        assert bb.counters.recomputed_layers == len(checkpointed) == sum(p.recompute for p in plans)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4, atol=1e-5 * a.scores.max())
 
 
 def test_budget_plan_recomputes_the_fewest_layers_that_fit(tiny_backbones):
     """The plan's arithmetic: per token, the layers not recomputed hold their activations,
     the recomputed ones their input hidden state (plus one layer's activations while the
-    backward recomputes it); the fewest leading layers that fit are chosen, never the last."""
+    backward recomputes it), besides what a pass keeps once; the fewest leading layers that
+    fit are chosen, never the last."""
     bb = tiny_backbones["llava15"]
     n, t = bb.num_layers, 37
-    per_layer = bb.activation_bytes_per_token() / n
     hidden = bb.recomputed_bytes_per_token()
-    assert hidden < per_layer / 5
-    assert bb.pass_activation_bytes(t, None, 0) == int(t * n * per_layer)
-    assert bb.pass_activation_bytes(t, None, 1) == int(t * ((n - 1) * per_layer + hidden))
-    assert bb.pass_activation_bytes(t, None, n) == int(t * (per_layer + n * hidden))  # > all but one
-    full, one = bb.pass_activation_bytes(t, None, 0), bb.pass_activation_bytes(t, None, 1)
-    assert bb.layers_to_recompute(t, None, None) == 0
-    assert bb.layers_to_recompute(t, None, full) == 0
-    assert bb.layers_to_recompute(t, None, full - 1) == 1
-    assert bb.layers_to_recompute(t, None, one) == 1
-    assert bb.layers_to_recompute(t, None, one - 1) is None  # n = 2: nothing holds less
-    assert bb.layers_to_recompute(t, 1, bb.pass_activation_bytes(t, 1, 0) - 1) is None  # logit lens, one layer
+    for lean in (False, True):
+        per_layer, once = bb._saved_elements(lean)
+        assert hidden < 1.1 * per_layer * 4 / 5
+
+        def want(held, r, per_layer=per_layer, once=once):
+            return t * (int(1.1 * (held * per_layer + once) * 4) + r * hidden)
+
+        assert bb.pass_activation_bytes(t, None, 0, lean) == want(n, 0) == t * bb.activation_bytes_per_token(lean=lean)
+        assert bb.pass_activation_bytes(t, None, 1, lean) == want(n - 1, 1)
+        assert bb.pass_activation_bytes(t, None, n, lean) == want(1, n)  # > all but one
+    full, lean0, lean1 = (bb.pass_activation_bytes(t, None, r, lean) for r, lean in ((0, False), (0, True), (1, True)))
+    assert bb.memory_plan(t, None, None) == MemoryPlan()
+    assert bb.memory_plan(t, None, full) == MemoryPlan()
+    assert bb.memory_plan(t, None, full - 1) == MemoryPlan(lean=True) == bb.memory_plan(t, None, lean0)
+    assert bb.memory_plan(t, None, lean0 - 1) == MemoryPlan(lean=True, recompute=1) == bb.memory_plan(t, None, lean1)
+    assert bb.memory_plan(t, None, lean1 - 1) is None  # n = 2: nothing holds less
+    assert bb.memory_plan(t, 1, bb.pass_activation_bytes(t, 1, 0, True) - 1) is None  # logit lens, one layer
 
 
 def test_recomputed_layers_keep_a_usable_prefix(tiny_backbones, family):

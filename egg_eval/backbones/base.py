@@ -24,6 +24,7 @@ import torch.utils.checkpoint
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from egg_eval.backbones.lean import is_gated_mlp, lean_activations
 from egg_eval.backbones.processors import torch_pixel_arithmetic
 from egg_eval.types import Counters
 
@@ -98,6 +99,16 @@ class Prefix:
         for layer in self.cache.layers:  # keys / values built in a grad pass: keep the tensors, drop the graph
             layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
         return self
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a grounding pass keeps within the activation budget (:meth:`Backbone.memory_plan`):
+    ``lean`` activations (:mod:`egg_eval.backbones.lean`) and its first ``recompute`` decoder
+    layers recomputed in the backward. Neither changes the maps."""
+
+    lean: bool = False
+    recompute: int = 0
 
 
 # Token groups returned by ``token_boxes``.
@@ -237,7 +248,9 @@ def output_cache(out: Any) -> Any:
 
 
 @contextlib.contextmanager
-def recompute_in_backward(layers: Sequence[torch.nn.Module], enabled: bool = True) -> Iterator[None]:
+def recompute_in_backward(
+    layers: Sequence[torch.nn.Module], enabled: bool = True, lean: bool = False
+) -> Iterator[None]:
     """Activation checkpointing of each of ``layers`` for the passes run inside: a layer keeps
     only its input for the backward and recomputes the rest there (non-reentrant
     ``torch.utils.checkpoint``, so ``torch.autograd.grad`` to the visual leaves works). Each
@@ -247,7 +260,11 @@ def recompute_in_backward(layers: Sequence[torch.nn.Module], enabled: bool = Tru
     A pass that fills a FRESH KV cache (``Prefix``) stays exact: the recomputation runs
     without the cache (which already holds the layer's keys and values from the forward;
     appending them again would corrupt it), and a prefill's attention over its own keys is
-    the same with or without an empty cache in front of them."""
+    the same with or without an empty cache in front of them.
+
+    ``lean``: the layer's forward and its recomputation both keep lean activations
+    (:func:`egg_eval.backbones.lean.lean_activations`), so the recomputation saves the very
+    tensors the forward did, as the checkpoint requires."""
     if not enabled or not layers:
         yield
         return
@@ -255,7 +272,7 @@ def recompute_in_backward(layers: Sequence[torch.nn.Module], enabled: bool = Tru
     for layer in layers:
         original = layer.forward
 
-        def forward(*args, _f=original, **kwargs):
+        def forward(*args, _f=original, _layer=layer, **kwargs):
             first = True
 
             def run(*a, **k):
@@ -263,7 +280,8 @@ def recompute_in_backward(layers: Sequence[torch.nn.Module], enabled: bool = Tru
                 if not first:  # the recomputation
                     k = {**k, **{key: None for key in CACHE_KEYS if key in k}}
                 first = False
-                return _f(*a, **k)
+                with lean_activations(_layer, lean):
+                    return _f(*a, **k)
 
             return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
@@ -514,33 +532,49 @@ class Backbone:
         """How many decoder layers a pass with the logit-lens setting ``layer`` runs."""
         return self.num_layers if self.runs_all_layers(layer) else layer
 
-    def activation_bytes_per_token(self, layer: int | None = None) -> int:
+    def activation_bytes_per_token(self, layer: int | None = None, lean: bool = False) -> int:
         """Estimated bytes one prompt token keeps alive for the grounding backward through the
-        first ``layer`` decoder layers (None = all).
+        first ``layer`` decoder layers (None = all), with or without ``lean`` activations
+        (:mod:`egg_eval.backbones.lean`).
 
         Parameters need no gradient, so autograd keeps no input of a linear layer. Per layer
-        what stays is: the two RMSNorms' float32 inputs (4 h in model-dtype elements), the
-        attention's q and output (2 q) and k and v (2 kv), the MLP's gate, activation and up
-        (3 i), and where the attention normalises q and k (Qwen3, InternVL-3.5) their float32
-        inputs (2 q + 2 kv). h: hidden width, q: heads x head_dim, kv: key-value heads x
-        head_dim, i: MLP width. Times 1.1 for the allocator and the backward's own buffers.
+        what stays is: the two RMSNorms' float32 inputs (4 h in bf16 elements, an overcount of a
+        float32 model's 2 h that covers the few tensors kept once per token, not per layer; 2 h
+        when lean, which keeps the input in the model's dtype), the attention's q and
+        output (2 q) and k and v (2 kv), the MLP's gate, activation and up (3 i; 2 i when lean:
+        gate and up), and where the attention normalises q and k (Qwen3, InternVL-3.5) their
+        norms' inputs (2 q + 2 kv, halved as the other norms'). h: hidden width, q: heads x
+        head_dim, kv: key-value heads x head_dim, i: MLP width. Times 1.1 for the allocator and
+        the backward's own buffers.
 
         Checked at the published widths (bf16, CPU, tensors autograd saved per token and layer,
-        the difference between 1 and 2 layers): LLaVA-1.5 131,720 B (formula 131,584),
-        LLaVA-1.6 139,400 (139,264), Qwen2.5-VL 158,840 (158,720), InternVL-3.5 147,752
-        (147,456). On an H100 LLaVA-1.5's grounding passes held 141-144 KB per token and
-        layer above the model, within this estimate's 145 KB."""
+        the difference between 1 and 2 layers; ``scripts/activation_check.py``), as it is and
+        lean: LLaVA-1.5 131,720 B (formula 131,584) and 93,312 (93,184), LLaVA-1.6 139,400
+        (139,264) and 94,336 (94,208), Qwen2.5-VL 158,840 (158,720) and 106,608 (106,496),
+        InternVL-3.5 147,752 (147,456) and 96,384 (96,256). On an H100 LLaVA-1.5's grounding
+        passes (not lean) held 141-144 KB per token and layer above the model, within this
+        estimate's 145 KB."""
+        per_layer, once = self._saved_elements(lean)
+        return int(1.1 * (self.layers_run(layer) * per_layer + once) * self.dtype.itemsize)
+
+    def _saved_elements(self, lean: bool) -> tuple[int, int]:
+        """Per token, in model-dtype elements: what each decoder layer keeps for the backward
+        (:meth:`activation_bytes_per_token`) and what the pass keeps once, whatever its depth:
+        the final norm's float32 input (2 h; h lean) and the rotary tables' cos and sin
+        (2 head_dim)."""
         cfg = self.model.config.get_text_config()
         h, heads = cfg.hidden_size, cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or h // heads
         q = heads * head_dim
         kv = (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
         i = getattr(cfg, "intermediate_size", None) or 4 * h
-        elements = 4 * h + 2 * q + 2 * kv + 3 * i
-        if getattr(self.decoder_layers[0].self_attn, "q_norm", None) is not None:
-            elements += 2 * q + 2 * kv
-        n = self.layers_run(layer)
-        return int(1.1 * n * elements * self.dtype.itemsize)
+        first = self.decoder_layers[0]
+        norm_copy = 1 if lean else 2  # the float32 copy, in bf16 elements (on a float32 model: an overcount)
+        gated = 2 if lean and is_gated_mlp(first.mlp) else 3
+        per_layer = 2 * h * norm_copy + 2 * q + 2 * kv + gated * i
+        if getattr(first.self_attn, "q_norm", None) is not None:
+            per_layer += (q + kv) * norm_copy
+        return per_layer, h * norm_copy + 2 * head_dim
 
     def recomputed_bytes_per_token(self) -> int:
         """What one recomputed decoder layer (:func:`recompute_in_backward`) keeps per token
@@ -548,18 +582,21 @@ class Backbone:
         tables it also takes are the same tensors for every layer). Times 1.1, as above."""
         return int(1.1 * self.model.config.get_text_config().hidden_size * self.dtype.itemsize)
 
-    def pass_activation_bytes(self, n_tokens: int, layer: int | None = None, recomputed: int = 0) -> int:
+    def pass_activation_bytes(
+        self, n_tokens: int, layer: int | None = None, recomputed: int = 0, lean: bool = False
+    ) -> int:
         """Estimated activation bytes a grounding pass over ``n_tokens`` prompt tokens holds at
-        its peak when its first ``recomputed`` decoder layers are recomputed in the backward.
+        its peak when its first ``recomputed`` decoder layers are recomputed in the backward
+        (and its activations are ``lean`` or not).
 
         The later layers' activations stay until the backward reaches them and are freed as
         it goes; when it reaches the recomputed layers only their inputs are left, plus the
         one layer being recomputed. So the peak is ``max(n - r, 1 if r else 0)`` layers'
-        activations plus ``r`` hidden states, per token."""
-        n = self.layers_run(layer)
-        per_layer = self.activation_bytes_per_token(layer) / n
-        held = max(n - recomputed, 1 if recomputed else 0)
-        return int(n_tokens * (held * per_layer + recomputed * self.recomputed_bytes_per_token()))
+        activations plus ``r`` hidden states, per token, besides what the pass keeps once."""
+        per_layer, once = self._saved_elements(lean)
+        held = max(self.layers_run(layer) - recomputed, 1 if recomputed else 0)
+        activations = int(1.1 * (held * per_layer + once) * self.dtype.itemsize)
+        return n_tokens * (activations + recomputed * self.recomputed_bytes_per_token())
 
     def most_recomputed(self, layer: int | None) -> int:
         """The layers a pass that is to hold the least recomputes: all it runs but the last.
@@ -568,15 +605,18 @@ class Backbone:
         layers, 598 tokens, fp32, the peak resident memory rose by 0.18-0.23 MB per token)."""
         return max(self.layers_run(layer) - 1, 0)
 
-    def layers_to_recompute(self, n_tokens: int, layer: int | None, budget: float | None) -> int | None:
-        """The fewest leading decoder layers to recompute so that a grounding pass over
-        ``n_tokens`` tokens keeps within ``budget`` activation bytes: 0 when it fits as it is
-        (or there is no budget), ``None`` when it does not fit even with
-        :meth:`most_recomputed` layers recomputed."""
-        if budget is None:
-            return 0
+    def memory_plan(self, n_tokens: int, layer: int | None, budget: float | None) -> MemoryPlan | None:
+        """The cheapest way a grounding pass over ``n_tokens`` tokens keeps within ``budget``
+        activation bytes: as it is where it fits (or there is no budget); else lean activations
+        (elementwise work again in the backward, about a third less held) and the fewest
+        leading decoder layers recomputed (each one more forward of that layer) that bring it
+        within; ``None`` when it does not fit even lean with :meth:`most_recomputed` layers
+        recomputed."""
+        if budget is None or self.pass_activation_bytes(n_tokens, layer) <= budget:
+            return MemoryPlan()
         plans = range(self.most_recomputed(layer) + 1)
-        return next((r for r in plans if self.pass_activation_bytes(n_tokens, layer, r) <= budget), None)
+        r = next((r for r in plans if self.pass_activation_bytes(n_tokens, layer, r, lean=True) <= budget), None)
+        return None if r is None else MemoryPlan(lean=True, recompute=r)
 
     def check_layer(self, layer: int | None) -> None:
         """Refuse a logit-lens ``layer`` the model does not have (1..num_layers, -1 / None: the last)."""
@@ -592,6 +632,7 @@ class Backbone:
         recompute_layers: bool | int = False,
         positions: torch.Tensor | None = None,
         cache: Any = None,
+        lean: bool = False,
     ) -> torch.Tensor:
         """Next-token logits (V,) at the last position, differentiable in ``leaves``; (B, V)
         for a batch of B equal-length prompts, or at each row's ``positions`` (B,) for a
@@ -604,7 +645,8 @@ class Backbone:
         int: the activation budget's plan), or True for the least memory
         (:meth:`most_recomputed`; method.checkpoint_layers); see :func:`recompute_in_backward`.
         ``cache`` (a full pass of one prompt): a fresh ``DynamicCache`` that the pass fills with
-        its keys and values (:class:`Prefix`).
+        its keys and values (:class:`Prefix`). ``lean``: keep lean activations for the backward
+        (:func:`egg_eval.backbones.lean.lean_activations`; same logits and gradients).
         """
         self.check_layer(layer)
         self.counters.n_forward += 1
@@ -615,16 +657,20 @@ class Backbone:
             kw[self.cache_keyword] = cache
         kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self._pack_leaves(leaves))}
         n_recompute = self.most_recomputed(layer) if recompute_layers is True else int(recompute_layers)
-        if torch.is_grad_enabled():
+        grad = torch.is_grad_enabled()
+        if grad:
             self.counters.recomputed_layers += min(n_recompute, self.layers_run(layer))
-        recompute = recompute_in_backward(self.decoder_layers[:n_recompute], torch.is_grad_enabled())
+            self.counters.lean_passes += int(lean)
+        recomputed = self.decoder_layers[:n_recompute]
+        recompute = recompute_in_backward(recomputed, grad, lean)
+        slim = lean_activations(self.language_model, lean and grad, skip=recomputed if grad else ())
         keep = 1 if positions is None else positions.reshape(-1, 1)
         if self.runs_all_layers(layer):
-            with recompute:
+            with recompute, slim:
                 logits = self.model(**kw, logits_to_keep=keep).logits[:, -1].float()
             return logits[0] if logits.shape[0] == 1 else logits
         try:
-            with recompute, capture_layer_output(self.decoder_layers[layer - 1]):
+            with recompute, slim, capture_layer_output(self.decoder_layers[layer - 1]):
                 self.model.model(**kw)
         except _StopForward as stop:
             hidden = stop.hidden[:, -1] if positions is None else stop.hidden[torch.arange(len(positions)), positions]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from egg_eval.backbones.base import Backbone, Prefix, TokenLayout, in_phase, phase
+from egg_eval.backbones.base import Backbone, MemoryPlan, Prefix, TokenLayout, in_phase, phase
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -108,29 +108,30 @@ def token_saliency(
     return out
 
 
-def _recompute_plan(backbone: Backbone, n_tokens: int, layer, memory_budget) -> int:
-    """Leading decoder layers a pass over ``n_tokens`` tokens recomputes to keep within
-    ``memory_budget`` (:meth:`Backbone.layers_to_recompute`): 0 without a budget; where
-    nothing fits, :meth:`Backbone.most_recomputed` (the least a pass can hold)."""
-    r = backbone.layers_to_recompute(n_tokens, layer, memory_budget)
-    return backbone.most_recomputed(layer) if r is None else r
+def _memory_plan(backbone: Backbone, n_tokens: int, layer, memory_budget) -> MemoryPlan:
+    """How a pass over ``n_tokens`` tokens keeps within ``memory_budget``
+    (:meth:`Backbone.memory_plan`): as it is without a budget; where nothing fits, lean with
+    :meth:`Backbone.most_recomputed` layers recomputed (the least a pass can hold)."""
+    plan = backbone.memory_plan(n_tokens, layer, memory_budget)
+    return MemoryPlan(lean=True, recompute=backbone.most_recomputed(layer)) if plan is None else plan
 
 
 def _ground_encoded(
     backbone: Backbone, enc, image, objective, layer, recompute_layers, memory_budget, keep_prefix=False
 ) -> Grounding:
     """The forward and backward of one encoded view."""
+    lean = recompute_layers is True  # the least memory: lean as well
     if recompute_layers is not True:
-        n_tokens = enc["input_ids"].shape[-1]
-        recompute_layers = max(int(recompute_layers), _recompute_plan(backbone, n_tokens, layer, memory_budget))
-        if recompute_layers:
+        plan = _memory_plan(backbone, enc["input_ids"].shape[-1], layer, memory_budget)
+        recompute_layers, lean = max(int(recompute_layers), plan.recompute), plan.lean
+        if plan != MemoryPlan():
             backbone.counters.memory_limited += 1
     leaves = backbone.visual_leaves(enc)
     cache = backbone.new_cache() if keep_prefix and backbone.runs_all_layers(layer) else None
     with torch.enable_grad():
         with phase("forward"):
             logits = backbone.next_token_logits(
-                enc, leaves, layer=layer, recompute_layers=recompute_layers, cache=cache
+                enc, leaves, layer=layer, recompute_layers=recompute_layers, cache=cache, lean=lean
             )
             value = OBJECTIVES[objective](logits)
         with phase("backward"):
@@ -192,9 +193,17 @@ def token_saliency_batch(
     # a batch only where it fits the budget as it is (with every layer recomputed, where that
     # is asked for): it holds its views' tokens at once, so recomputing layers to fit it
     # always costs more recomputation than its views one by one, and batching saves only launches
-    recomputed = backbone.most_recomputed(layer) if recompute_layers is True else 0
-    if memory_budget is None or backbone.pass_activation_bytes(padded, layer, recomputed) <= memory_budget:
-        out = _ground_stacked(backbone, encs, images, objective, layer, recompute_layers)
+    least = recompute_layers is True
+    recomputed = backbone.most_recomputed(layer) if least else 0
+
+    def fits(lean: bool) -> bool:
+        return backbone.pass_activation_bytes(padded, layer, recomputed, lean) <= memory_budget
+
+    if memory_budget is None or fits(least):
+        out = _ground_stacked(backbone, encs, images, objective, layer, recompute_layers, least)
+    elif fits(True):  # lean costs some elementwise work again, far less than splitting the batch
+        backbone.counters.memory_limited += 1
+        out = _ground_stacked(backbone, encs, images, objective, layer, recompute_layers, True)
     else:
         backbone.counters.memory_limited += 1
         out = [_ground_encoded(backbone, e, im, **kw) for e, im in zip(encs, images)]
@@ -202,7 +211,7 @@ def token_saliency_batch(
     return out
 
 
-def _ground_stacked(backbone: Backbone, encs, images, objective, layer, recompute_layers) -> list[Grounding]:
+def _ground_stacked(backbone: Backbone, encs, images, objective, layer, recompute_layers, lean) -> list[Grounding]:
     """The forward and backward of several encoded views as one batch: their prompts stacked
     (right-padded where their lengths differ), their images embedded by one vision-tower call."""
     enc, positions = backbone.stack_lm_inputs(encs)
@@ -214,7 +223,7 @@ def _ground_stacked(backbone: Backbone, encs, images, objective, layer, recomput
     with torch.enable_grad():
         with phase("forward"):
             logits = backbone.next_token_logits(
-                enc, leaves, layer=layer, recompute_layers=recompute_layers, positions=positions
+                enc, leaves, layer=layer, recompute_layers=recompute_layers, positions=positions, lean=lean
             )
             values = [OBJECTIVES[objective](logits[i]) for i in range(len(images))]
         with phase("backward"):

@@ -1,0 +1,127 @@
+"""Leaner activations for the grounding backward, with the same gradients to the bit.
+
+A grounding pass back-propagates to the visual tokens only, so autograd already keeps no
+input of a linear layer. Of what it still keeps per token and decoder layer, two parts are
+cheap to rebuild in the backward:
+
+- each RMSNorm's float32 copy of its input (on a bf16 or fp16 model, twice the input's
+  bytes): a lean norm keeps its input in the model's dtype and runs its forward again in the
+  backward;
+- a gated MLP's activation ``act(gate)``, kept beside ``gate`` and ``up`` for the product:
+  a lean MLP keeps ``gate`` and ``up`` and computes ``act(gate) * up`` again in the backward.
+
+Both run the very same operations again and differentiate them with the same autograd
+formulas, so outputs and gradients are equal bit for bit (tested on all four families). They
+cost elementwise work and a few launches per layer, far less than recomputing a layer
+(:func:`egg_eval.backbones.base.recompute_in_backward`), and cut a layer's activations by
+about a third at the published widths (:meth:`Backbone.activation_bytes_per_token`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Iterator, Sequence
+
+import torch
+
+# a gated MLP's forward body, whitespace removed (Llama, Mistral, Qwen2, Qwen3 in transformers 5)
+GATED_MLP_BODIES = (
+    "down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))returndown_proj",
+    "returnself.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))",
+)
+
+
+class _Recomputed(torch.autograd.Function):
+    """``fn(x)`` keeping only ``x``; the backward runs ``fn`` again and differentiates it."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        ctx.fn = fn
+        ctx.save_for_backward(x)
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            out = ctx.fn(x)
+        return torch.autograd.grad(out, x, grad)[0], None
+
+
+class _GatedProduct(torch.autograd.Function):
+    """``act(gate) * up`` keeping ``gate`` and ``up`` only (not ``act(gate)`` as well)."""
+
+    @staticmethod
+    def forward(ctx, gate, up, act):
+        ctx.act = act
+        ctx.save_for_backward(gate, up)
+        return act(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        with torch.enable_grad():
+            gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
+            out = ctx.act(gate) * up
+        return *torch.autograd.grad(out, (gate, up), grad), None
+
+
+def is_gated_mlp(module: torch.nn.Module) -> bool:
+    """A Llama-style MLP whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
+    (:data:`GATED_MLP_BODIES`): another forward is left as it is."""
+    return _gated_forward(type(module))
+
+
+@functools.cache
+def _gated_forward(cls: type) -> bool:
+    try:
+        lines = inspect.getsource(cls.forward).split("\n", 1)
+    except (OSError, TypeError, AttributeError):
+        return False
+    body = "".join(lines[-1].split())
+    return lines[0].strip() == "def forward(self, x):" and body in GATED_MLP_BODIES
+
+
+def lean_modules(
+    root: torch.nn.Module, skip: Sequence[torch.nn.Module] = ()
+) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """The RMSNorms under ``root`` that keep a wider copy of their input (those whose weight is
+    not float32) and its gated MLPs, outside the modules ``skip``."""
+    skipped = {id(m) for s in skip for m in s.modules()}
+    norms, mlps = [], []
+    for module in root.modules():
+        if id(module) in skipped:
+            continue
+        if type(module).__name__.endswith("RMSNorm") and getattr(module, "weight", None) is not None:
+            if module.weight.dtype != torch.float32:
+                norms.append(module)
+        elif is_gated_mlp(module):
+            mlps.append(module)
+    return norms, mlps
+
+
+@contextlib.contextmanager
+def lean_activations(
+    root: torch.nn.Module, enabled: bool = True, skip: Sequence[torch.nn.Module] = ()
+) -> Iterator[None]:
+    """Inside, the norms and gated MLPs under ``root`` (but not under ``skip``: the layers
+    :func:`egg_eval.backbones.base.recompute_in_backward` recomputes, which make their own
+    forward and its recomputation lean alike) keep the lean activations described in this
+    module's docstring. Not where a parameter requires grad (the lean functions give no
+    weight gradients). The modules' own ``forward`` is restored in ``finally``."""
+    if not enabled or any(p.requires_grad for p in root.parameters()):
+        yield
+        return
+    norms, mlps = lean_modules(root, skip)
+    for norm in norms:
+        norm.forward = lambda x, _f=norm.forward: _Recomputed.apply(x, _f)
+    for mlp in mlps:
+        mlp.forward = lambda x, _m=mlp: _m.down_proj(_GatedProduct.apply(_m.gate_proj(x), _m.up_proj(x), _m.act_fn))
+    try:
+        yield
+    finally:
+        for module in norms + mlps:
+            del module.forward

@@ -1,0 +1,158 @@
+"""Lean activations (egg_eval.backbones.lean): the same logits and gradients to the bit, fewer
+bytes kept for the backward, and the activation budget tries them before recomputing layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import noise_image
+
+from egg_eval.backbones import load_backbone
+from egg_eval.backbones.base import MemoryPlan
+from egg_eval.backbones.lean import is_gated_mlp, lean_activations, lean_modules
+from egg_eval.grounding.saliency import entropy, saved_bytes_per_token, token_saliency, token_saliency_batch
+from egg_eval.undone import parameter_gradients
+
+Q = "What is written on the sign?"
+
+
+@pytest.fixture(scope="module")
+def bf16_backbones(tiny_paths):
+    return {f: load_backbone(f, p, dtype="bfloat16", device="cpu", max_new_tokens=2) for f, p in tiny_paths.items()}
+
+
+def backbone(request_family, dtype, tiny_backbones, bf16_backbones):
+    return (bf16_backbones if dtype == "bfloat16" else tiny_backbones)[request_family]
+
+
+def untouched(bb) -> bool:
+    """No module of the model is left with a patched ``forward``."""
+    return all("forward" not in vars(m) for m in bb.model.modules())
+
+
+def grads(bb, encs, lean, recompute=0):
+    """Logits and the entropy's gradient to the visual leaves of one prompt or a padded batch."""
+    enc, positions = (encs[0], None) if len(encs) == 1 else bb.stack_lm_inputs(encs)
+    image_inputs = encs[0] if len(encs) == 1 else bb.image_inputs(encs)
+    leaves = bb.visual_leaves(image_inputs)
+    with torch.enable_grad():
+        logits = bb.next_token_logits(enc, leaves, recompute_layers=recompute, positions=positions, lean=lean)
+        value = sum(entropy(row) for row in logits.reshape(-1, logits.shape[-1]))
+        g = torch.autograd.grad(value, leaves)
+    return logits.detach(), [x.detach() for x in g]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("recompute", [0, 1, True])
+def test_lean_gives_the_same_logits_and_gradients_to_the_bit(tiny_backbones, bf16_backbones, family, dtype, recompute):
+    """The lean norm and MLP run the very same operations again in the backward, so nothing
+    changes, not even the last bit: alone, with some or all layers recomputed (the checkpoint
+    re-runs a recomputed layer lean as its forward was), and in a padded batch of views."""
+    bb = backbone(family, dtype, tiny_backbones, bf16_backbones)
+    views = [noise_image(150, 110, seed=5), noise_image(70, 90, seed=6)]
+    for encs in ([bb.encode([views[0]], Q)], [bb.encode([v], Q) for v in views]):
+        want = grads(bb, encs, lean=False, recompute=recompute)
+        got = grads(bb, encs, lean=True, recompute=recompute)
+        assert torch.equal(got[0], want[0])
+        assert all(torch.equal(a, b) for a, b in zip(got[1], want[1], strict=True))
+        assert max(float(g.abs().max()) for g in want[1]) > 0
+    assert untouched(bb)
+
+
+def test_lean_applies_to_the_norms_of_a_half_precision_model_and_to_every_gated_mlp(tiny_backbones, bf16_backbones):
+    for fam, bb in bf16_backbones.items():
+        norms, mlps = lean_modules(bb.language_model)
+        assert len(mlps) == bb.num_layers and all(is_gated_mlp(m) for m in mlps)
+        assert len(norms) >= 2 * bb.num_layers + 1  # two per layer (and q / k norms where any) and the final one
+        assert lean_modules(tiny_backbones[fam].language_model)[0] == []  # float32 norms keep no wider copy
+        recomputed = bb.decoder_layers[:1]
+        skipped = lean_modules(bb.language_model, skip=recomputed)
+        assert len(skipped[1]) == bb.num_layers - 1 and not set(map(id, norms[:2])) & set(map(id, skipped[0]))
+
+    class Other(torch.nn.Module):  # a gated-looking MLP whose forward differs is left alone
+        def __init__(self):
+            super().__init__()
+            self.gate_proj = self.up_proj = self.down_proj = torch.nn.Linear(2, 2)
+            self.act_fn = torch.nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+    assert not is_gated_mlp(Other())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lean_keeps_less_and_the_estimate_bounds_it(tiny_backbones, bf16_backbones, family, dtype):
+    """Measured with saved-tensor hooks: lean keeps less (on bf16 the norms' float32 copies go
+    too), and the budget's estimate bounds what autograd keeps, lean or not, within 1.5x."""
+    bb = backbone(family, dtype, tiny_backbones, bf16_backbones)
+    image = noise_image(200, 150, seed=4)
+    plain = saved_bytes_per_token(bb, image, Q)
+    with lean_activations(bb.language_model):
+        lean = saved_bytes_per_token(bb, image, Q)
+    assert untouched(bb)
+    assert lean < (0.72 if dtype == "bfloat16" else 0.86) * plain, (lean, plain)
+    for measured, estimate in (
+        (plain, bb.activation_bytes_per_token()),
+        (lean, bb.activation_bytes_per_token(lean=True)),
+    ):
+        assert measured <= estimate <= 1.5 * measured, (measured, estimate)
+
+
+def test_lean_stays_off_where_weights_need_gradients(tiny_backbones):
+    """The lean functions give no weight gradients, so with the weights requiring grad (the
+    reference code's way, egg_eval.undone) they are not used and every weight gets its grad."""
+    bb = tiny_backbones["llava15"]
+    enc = bb.encode([noise_image(120, 90, seed=2)], Q)
+    mlp = bb.decoder_layers[0].mlp
+    with parameter_gradients(bb):
+        leaves = bb.visual_leaves(enc)
+        with torch.enable_grad():
+            entropy(bb.next_token_logits(enc, leaves, lean=True)).backward()
+        assert mlp.gate_proj.weight.grad is not None and float(mlp.gate_proj.weight.grad.abs().max()) > 0
+    assert untouched(bb)
+
+
+def test_memory_plan_tries_lean_before_recomputing_layers(bf16_backbones):
+    """As it is where it fits; else lean with the fewest leading layers recomputed that fit;
+    None where not even lean with all layers but the last recomputed fits."""
+    bb = bf16_backbones["llava16"]
+    t, n = 300, bb.num_layers
+    plain, lean = bb.pass_activation_bytes(t, None), bb.pass_activation_bytes(t, None, lean=True)
+    assert lean < 0.8 * plain
+    one = bb.pass_activation_bytes(t, None, 1, lean=True)
+    least = bb.pass_activation_bytes(t, None, n - 1, lean=True)
+    assert bb.memory_plan(t, None, None) == MemoryPlan()
+    assert bb.memory_plan(t, None, plain) == MemoryPlan()
+    assert bb.memory_plan(t, None, plain - 1) == MemoryPlan(lean=True, recompute=0)
+    assert bb.memory_plan(t, None, lean) == MemoryPlan(lean=True, recompute=0)
+    assert bb.memory_plan(t, None, lean - 1) == MemoryPlan(lean=True, recompute=1)
+    assert bb.memory_plan(t, None, one) == MemoryPlan(lean=True, recompute=1)
+    assert bb.memory_plan(t, None, least - 1) is None
+
+
+def test_a_batch_over_the_budget_that_fits_lean_stays_one_batch(bf16_backbones, family):
+    """Lean costs some elementwise work again; splitting the batch would lose its one pass."""
+    bb = bf16_backbones[family]
+    views = [noise_image(120, 90, seed=1), noise_image(60, 80, seed=2)]
+    padded = len(views) * max(bb.encode([v], Q)["input_ids"].shape[-1] for v in views)
+    budget = bb.pass_activation_bytes(padded, None, lean=True)
+    assert budget < bb.pass_activation_bytes(padded, None)
+    bb.counters.__init__()
+    free = token_saliency_batch(bb, views, Q)
+    assert (bb.counters.n_backward, bb.counters.memory_limited, bb.counters.lean_passes) == (1, 0, 0)
+    bb.counters.__init__()
+    lean = token_saliency_batch(bb, views, Q, memory_budget=budget)
+    assert (bb.counters.n_backward, bb.counters.memory_limited, bb.counters.lean_passes) == (1, 1, 1)
+    assert bb.counters.recomputed_layers == 0
+    for a, b in zip(free, lean, strict=True):
+        np.testing.assert_array_equal(a.scores, b.scores)
+    # one view alone just over its lean size: lean and one layer recomputed, the same map
+    enc_len = bb.encode([views[0]], Q)["input_ids"].shape[-1]
+    alone = token_saliency(bb, views[0], Q)
+    bb.counters.__init__()
+    tight = token_saliency(bb, views[0], Q, memory_budget=bb.pass_activation_bytes(enc_len, None, lean=True) - 1)
+    assert (bb.counters.lean_passes, bb.counters.recomputed_layers) == (1, 1)
+    np.testing.assert_array_equal(tight.scores, alone.scores)
+    assert untouched(bb)
