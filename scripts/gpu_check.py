@@ -15,10 +15,10 @@ For each family it builds the published 7B/8B architecture with random weights (
 * prefills an answer prompt (the whole image, a crop, the question) on the KV cache that the
   whole image's grounding pass kept, and prints how far its last logits are from the full
   prompt's (``method.reuse_prefix``);
-* grounds the whole image with half its layers recomputed (the activation budget's partial
-  plan), prints how far its map and the answer on its kept cache are from the plain pass's,
-  and on a GPU each pass's peak memory per token above the model beside the estimate that the
-  budget plans with (:meth:`Backbone.pass_activation_bytes`);
+* grounds the whole image with lean activations, then lean with half its layers recomputed
+  (the activation budget's plans), prints how far its map and the answer on its kept cache
+  are from the plain pass's, and on a GPU each pass's peak memory per token above the model
+  beside the estimate that the budget plans with (:meth:`Backbone.pass_activation_bytes`);
 * runs the plain model and full iterative EGG on one sample.
 
 A family that fails prints its traceback and the script goes on with the next one; the
@@ -86,30 +86,38 @@ def check(family: str, layers: int, device: str, dtype: str, backbone: str = "re
         f"last logits |diff| / max = {gap:.2e}"
     )
     gaps["answer on the grounding cache"] = gap
-    # the activation budget's partial plan: some leading layers recomputed, the cache still kept
+    # the activation budget's plans: lean activations, then some leading layers recomputed too,
+    # the cache still kept
     r_half = max(bb.most_recomputed(None) // 2, 1)
     n_tokens = g.prefix.input_ids.shape[0]  # the whole image's grounding prompt
+    plans = {"as it is": (False, 0), "lean": (True, 0), f"lean, {r_half} layers recomputed": (True, r_half)}
     held = {}
-    for r in (0, r_half):
+    for name, (lean, r) in plans.items():
         if bb.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-        h = token_saliency(bb, img, q, keep_prefix=True, recompute_layers=r)
+        # a budget just large enough for the plan makes the pass choose it
+        budget = bb.pass_activation_bytes(n_tokens, None, r, lean) if lean else None
+        h = token_saliency(bb, img, q, keep_prefix=True, memory_budget=budget)
         if bb.device.type == "cuda":
-            held[r] = (torch.cuda.max_memory_allocated() - before) / n_tokens
-    map_gap = float(np.abs(h.scores - g.scores).max() / max(g.scores.max(), 1e-30))
-    with torch.no_grad():
-        cont = bb.model(**bb._forward_on_prefix(enc, feats, h.prefix, p), use_cache=True, logits_to_keep=1).logits
-    gap_r = float((full.float() - cont[0, -1].float()).abs().max() / full.float().abs().max())
-    print(
-        f"  {r_half} of {bb.num_layers} layers recomputed: map max |diff| / max = {map_gap:.2e}, "
-        f"answer on its cache: last logits |diff| / max = {gap_r:.2e}"
-    )
-    gaps["map with layers recomputed"], gaps["answer on a recomputed pass's cache"] = map_gap, gap_r
-    for r, b in held.items():
-        est = bb.pass_activation_bytes(n_tokens, None, r) / n_tokens
-        print(f"  {r} layers recomputed: peak {b:.0f} B per token above the model, estimate {est:.0f}")
+            held[name] = (torch.cuda.max_memory_allocated() - before) / n_tokens
+        if not lean:
+            continue
+        map_gap = float(np.abs(h.scores - g.scores).max() / max(g.scores.max(), 1e-30))
+        with torch.no_grad():
+            kw = bb._forward_on_prefix(enc, feats, h.prefix, p)
+            cont = bb.model(**kw, use_cache=True, logits_to_keep=1).logits
+        gap_r = float((full.float() - cont[0, -1].float()).abs().max() / full.float().abs().max())
+        print(
+            f"  {name}: map max |diff| / max = {map_gap:.2e}, "
+            f"answer on its cache: last logits |diff| / max = {gap_r:.2e}"
+        )
+        gaps[f"map, {name}"], gaps[f"answer on the cache, {name}"] = map_gap, gap_r
+    for name, b in held.items():
+        lean, r = plans[name]
+        est = bb.pass_activation_bytes(n_tokens, None, r, lean) / n_tokens
+        print(f"  {name}: peak {b:.0f} B per token above the model, estimate {est:.0f}")
     ans, _ = run_vanilla(bb, img, q)
     out, trace = run_egg(bb, img, q, EggConfig())
     c = trace.counters
