@@ -9,6 +9,14 @@ on a detail scene, and sums the tensors autograd saves for the backward (weights
 excluded), as it is and with lean activations (``egg_eval.backbones.lean``). The difference
 between 2 and 1 layers is one layer's cost per token, printed next to the estimate (which
 carries a 10% margin; divided out in the last column).
+
+    python scripts/activation_check.py --peak lean --families llava16 --layers 4 --image-size 640
+
+``--peak PLAN`` (``plain``, ``lean``, ``plain+R``, ``lean+R``: R leading layers recomputed)
+instead runs one grounding pass of the first family with ``--layers`` decoder layers on a
+scene resized to ``--image-size`` and prints its time and the peak resident memory above
+what the process held before it (Linux: the peak is reset through /proc/self/clear_refs),
+beside the estimate. One plan per process, so that each peak is its own.
 """
 
 from __future__ import annotations
@@ -34,9 +42,14 @@ def main() -> None:
     ap.add_argument("--families", default="llava15,llava16,qwen25vl,internvl35")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peak", help="plain | lean | plain+R | lean+R: time one pass and its peak memory")
+    ap.add_argument("--layers", type=int, default=4, help="--peak: decoder layers")
+    ap.add_argument("--image-size", type=int, default=640, help="--peak: the scene resized to this side")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     r = next(iter(rows(1, seed=2000)))
+    if args.peak:
+        return peak(args, r)
     print("| family | activations | saved per token and layer, B | estimate, B | estimate / 1.1 / saved |")
     print("|---|---|---|---|---|")
     for family in args.families.split(","):
@@ -54,6 +67,44 @@ def main() -> None:
             estimate = int(1.1 * per_layer[lean])
             name = "lean" if lean else "as they are"
             print(f"| {family} | {name} | {saved:.0f} | {estimate} | {estimate / 1.1 / saved:.3f} |", flush=True)
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
+
+
+def peak(args, r) -> None:
+    import time
+
+    from bench import real_size
+
+    from egg_eval.backbones import BACKBONES
+    from egg_eval.grounding.saliency import entropy
+
+    mode, _, recompute = args.peak.partition("+")
+    if mode not in ("plain", "lean"):
+        raise SystemExit(f"--peak takes plain, lean, plain+R or lean+R, got {args.peak!r}")
+    lean, recompute = mode == "lean", int(recompute or 0)
+    family = args.families.split(",")[0]
+    model, proc = real_size(family, args.layers, torch.device("cpu"), getattr(torch, args.dtype))
+    bb = BACKBONES[family](model, proc, name=family)
+    enc = bb.encode([r["image"].resize((args.image_size, args.image_size))], r["question"])
+    leaves = bb.visual_leaves(enc)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident set size (VmHWM) to the current one
+    start = _status_mb("VmRSS")
+    t0 = time.perf_counter()
+    with torch.enable_grad():
+        value = entropy(bb.next_token_logits(enc, leaves, lean=lean, recompute_layers=recompute))
+        torch.autograd.grad(value, leaves)
+    seconds = time.perf_counter() - t0
+    n = enc["input_ids"].shape[-1]
+    estimate = bb.pass_activation_bytes(n, None, recompute, lean) / 2**20
+    print(
+        f"{family}, {args.layers} layers, {n} tokens, {args.peak}: {seconds:.1f} s, "
+        f"peak {_status_mb('VmHWM') - start:.0f} MB above the start, estimate {estimate:.0f} MB"
+    )
 
 
 if __name__ == "__main__":
