@@ -17,6 +17,15 @@ instead runs one grounding pass of the first family with ``--layers`` decoder la
 scene resized to ``--image-size`` and prints its time and the peak resident memory above
 what the process held before it (Linux: the peak is reset through /proc/self/clear_refs),
 beside the estimate. One plan per process, so that each peak is its own.
+
+    python scripts/activation_check.py --plans
+
+``--plans`` prints, from the estimate alone (the published depths built on the meta device,
+no memory, no time), what the default budget (``method.activation_memory_gb=auto``: 0.4x the
+weights' bytes) plans for one-view passes of :data:`PLAN_TOKENS` tokens: the activations as
+they are and lean, and the layers recomputed without lean and with it (arithmetic, not a
+measurement). A round's batch of views is grounded as one pass where it fits as it is or
+lean, else one view at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +37,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# passes whose plans --plans prints: (what, tokens) per family
+PLAN_TOKENS = {
+    "llava15": [("any view (576 image tokens)", 598)],
+    "llava16": [("the whole 320 px scene", 1216), ("a wide crop", 1752), ("a 1024x768 image", 2340)],
+    "qwen25vl": [("a 1024 px image", 1300), ("a 1700x2200 DocVQA page", 4800)],
+    "internvl35": [("one tile and the thumbnail", 512), ("a crop in 7 tiles", 1900)],
+}
 
 
 def main() -> None:
@@ -45,7 +62,10 @@ def main() -> None:
     ap.add_argument("--peak", help="plain | lean | plain+R | lean+R: time one pass and its peak memory")
     ap.add_argument("--layers", type=int, default=4, help="--peak: decoder layers")
     ap.add_argument("--image-size", type=int, default=640, help="--peak: the scene resized to this side")
+    ap.add_argument("--plans", action="store_true", help="the default budget's plans, from the estimate")
     args = ap.parse_args()
+    if args.plans:
+        return plans(args)
     torch.set_num_threads(args.threads)
     r = next(iter(rows(1, seed=2000)))
     if args.peak:
@@ -105,6 +125,35 @@ def peak(args, r) -> None:
         f"{family}, {args.layers} layers, {n} tokens, {args.peak}: {seconds:.1f} s, "
         f"peak {_status_mb('VmHWM') - start:.0f} MB above the start, estimate {estimate:.0f} MB"
     )
+
+
+def plans(args) -> None:
+    from bench import real_size
+
+    from egg_eval.backbones import BACKBONES
+    from egg_eval.grounding.refine import AUTO_ACTIVATION_FRACTION
+
+    gib = 2**30
+    print(
+        "| family, one-view pass | tokens | budget, GiB | as they are, GiB | lean, GiB "
+        "| layers recomputed: without lean -> with |"
+    )
+    print("|---|---|---|---|---|---|")
+    for family in args.families.split(","):
+        model, proc = real_size(family, None, torch.device("meta"), getattr(torch, args.dtype))
+        bb = BACKBONES[family](model, proc, name=family)
+        budget = AUTO_ACTIVATION_FRACTION * bb.weight_bytes
+        for what, n in PLAN_TOKENS[family]:
+            without = next(
+                (r for r in range(bb.most_recomputed(None) + 1) if bb.pass_activation_bytes(n, None, r) <= budget), None
+            )
+            plan = bb.memory_plan(n, None, budget)
+            with_lean = "-" if plan is None else plan.recompute
+            print(
+                f"| {family}, {what} | {n} | {budget / gib:.2f} | {bb.pass_activation_bytes(n) / gib:.2f} "
+                f"| {bb.pass_activation_bytes(n, lean=True) / gib:.2f} "
+                f"| {without if without is not None else '-'} -> {with_lean} of {bb.num_layers} |"
+            )
 
 
 if __name__ == "__main__":

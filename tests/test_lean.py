@@ -156,3 +156,21 @@ def test_a_batch_over_the_budget_that_fits_lean_stays_one_batch(bf16_backbones, 
     assert (bb.counters.lean_passes, bb.counters.recomputed_layers) == (1, 1)
     np.testing.assert_array_equal(tight.scores, alone.scores)
     assert untouched(bb)
+
+
+def test_the_default_budget_at_the_published_size_recomputes_less_with_lean():
+    """``activation_check.py --plans`` (the published LLaVA-1.6 built on the meta device): a
+    1,752-token crop that recomputed 11 of 32 layers under the default budget fits lean, and a
+    2,340-token view recomputes 8 instead of 17."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "activation_check.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--plans", "--families", "llava16"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("|")[2].strip(): line for line in out.stdout.splitlines() if line.startswith("| llava16")}
+    assert rows["1752"].endswith("| 5.64 | 8.03 | 5.43 | 11 -> 0 of 32 |"), rows
+    assert rows["2340"].endswith("| 17 -> 8 of 32 |") and rows["1216"].endswith("| 0 -> 0 of 32 |"), rows

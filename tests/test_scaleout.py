@@ -266,6 +266,7 @@ def test_gpu_check_dry_runs_on_the_tiny_models():
     ok = subprocess.run([*cmd, "--tolerance", "1e-4"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.count("  OK") == 4 and "answer on the grounding cache" in ok.stdout
+    assert ok.stdout.count("  lean: map max |diff| / max = 0.00e+00") == 4  # the same ops again: bit-equal
     # the check bites: under a tolerance no gap can meet, the family fails and the exit status counts it
     strict = subprocess.run([*cmd, "--families", "llava16", "--tolerance", "-1"], capture_output=True, text=True)
     assert strict.returncode == 1 and "above --tolerance -1.0" in strict.stderr and "FAILED" in strict.stdout
