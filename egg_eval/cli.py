@@ -49,6 +49,7 @@ NOT_IN_RESULT = (
     "method.reuse_prefix",
     "method.checkpoint_layers",
     "method.activation_memory_gb",
+    "method.lean_activations",
     "deterministic",
     "retry_failed",
     "max_failures_in_a_row",
@@ -152,6 +153,7 @@ def egg_config(cfg: DictConfig):
         reuse_prefix=m.get("reuse_prefix", True),
         checkpoint_layers=m.get("checkpoint_layers", False),
         activation_memory_gb=m.get("activation_memory_gb", "auto"),
+        lean_activations=m.get("lean_activations", "auto"),
     )
 
 

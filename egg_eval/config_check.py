@@ -38,6 +38,7 @@ class MethodSchema:
     reuse_prefix: bool = True
     checkpoint_layers: bool = False
     activation_memory_gb: Any = "auto"  # a number, "auto" or null: checked by EggConfig
+    lean_activations: Any = "auto"  # auto, true or false: checked by EggConfig
 
 
 @dataclass

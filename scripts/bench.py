@@ -49,7 +49,11 @@ METHODS = {  # each speed-up switched on in turn; "egg" is the default configura
     "egg_batched_views": {"batch_views": True, "reuse_features": False, "activation_memory_gb": None},
     "egg_reused_features": {"reuse_features": True, "reuse_prefix": False, "activation_memory_gb": None},
     "egg_reused_prefix": {"reuse_features": True, "reuse_prefix": True, "activation_memory_gb": None},
+    # the fastest, with every grounding pass lean (method.lean_activations=true): what lean costs
+    "egg_lean": {"activation_memory_gb": None, "lean_activations": True},
     "egg": {},  # + passes planned to the activation budget (method.activation_memory_gb=auto)
+    # the budget met by recomputing layers only (method.lean_activations=false): what lean saves
+    "egg_no_lean": {"lean_activations": False},
     "egg_recompute_layers": {"checkpoint_layers": True},
 }
 # the fastest configuration (egg_reused_prefix) with one speed-up undone (egg_eval.undone): what it saves
@@ -60,6 +64,7 @@ UNDONE = {
     "egg_fp32": "float32 weights (on a model loaded in bf16 or fp16)",
 }
 METHODS.update({m: {"activation_memory_gb": None} for m in UNDONE})
+BUDGETED = ("egg", "egg_no_lean", "egg_recompute_layers")  # the rows --activation-memory-gb sets the budget of
 
 
 CLIP_L336 = dict(  # openai/clip-vit-large-patch14-336, the tower of LLaVA-1.5 and LLaVA-1.6
@@ -243,7 +248,7 @@ def child(args):
                     ground[i] = min(ground[i], timed(lambda: token_saliency(backbone, r["image"], text(r)))[0])  # noqa: B023
             return {"forward_s": statistics.median(plain), "grounding_s": statistics.median(ground), "load_s": load_s}
         settings = dict(METHODS[method])
-        if method == "egg" and args.activation_memory_gb is not None:  # another budget for the default method
+        if method in BUDGETED and args.activation_memory_gb is not None:  # another budget for the budgeted rows
             settings["activation_memory_gb"] = (
                 None if args.activation_memory_gb == "none" else float(args.activation_memory_gb)
             )
@@ -437,7 +442,9 @@ def main() -> None:
         "take each method's 'x vanilla' from those (immune to the machine's drift between methods)",
     )
     ap.add_argument(
-        "--activation-memory-gb", default=None, help="egg: this activation budget (GiB, or none) instead of auto"
+        "--activation-memory-gb",
+        default=None,
+        help="egg, egg_no_lean, egg_recompute_layers: this activation budget (GiB, or none) instead of auto",
     )
     ap.add_argument(
         "--processes",

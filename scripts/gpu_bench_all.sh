@@ -22,7 +22,7 @@ if [ "${CHECK:-1}" != 0 ]; then
 fi
 for family in ${families//,/ }; do
     python3 scripts/bench.py --backbone real --family "$family" --device cuda --dtype bfloat16 \
-        --threads 8 --n 8 --repeats 1 --methods vanilla,egg_reused_features,egg_reused_prefix,egg --profile 2 \
+        --threads 8 --n 8 --repeats 1 --methods vanilla,egg_reused_features,egg_reused_prefix,egg_lean,egg,egg_no_lean --profile 2 \
         "$@" 2>&1 | tee "$out/$family.txt"
     if [ "${UNDONE:-0}" != 0 ]; then
         python3 scripts/bench.py --backbone real --family "$family" --device cuda --dtype bfloat16 --threads 8 \

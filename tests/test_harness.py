@@ -271,6 +271,7 @@ def test_attention_implementation_is_a_backbone_setting(tmp_path):
         ("method.batch_views=maybe", r"method\.batch_views: Value 'maybe' is not a valid bool"),
         ("method.sigma=wide", r"method\.sigma: .* Float"),
         ("method.objective=entropyy", r"method\.objective must be one of \['entropy'"),
+        ("method.lean_activations=maybe", r"method\.lean_activations must be auto, true or false"),
         ("method.top_k=0", r"method\.top_k must be >= 1"),
         ("stopping=fixed stopping.n=0", r"stopping\.n must be >= 1"),
         ("method.max_aspect=0.5", r"method\.max_aspect must be >= 1"),

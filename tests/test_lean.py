@@ -174,3 +174,38 @@ def test_the_default_budget_at_the_published_size_recomputes_less_with_lean():
     rows = {line.split("|")[2].strip(): line for line in out.stdout.splitlines() if line.startswith("| llava16")}
     assert rows["1752"].endswith("| 5.64 | 8.03 | 5.43 | 11 -> 0 of 32 |"), rows
     assert rows["2340"].endswith("| 17 -> 8 of 32 |") and rows["1216"].endswith("| 0 -> 0 of 32 |"), rows
+
+
+@pytest.mark.parametrize("budget", [None, 1e-6])
+def test_lean_setting_changes_no_answer_nor_box(tiny_backbones, budget):
+    """method.lean_activations: auto (lean only where over the budget), true (every pass), false
+    (never: over the budget only layers are recomputed). The same answer, rounds and boxes."""
+    from egg_eval.grounding.refine import EggConfig, run_egg
+
+    bb = tiny_backbones["llava16"]
+    img = noise_image(300, 170, seed=11)
+    out = {}
+    for lean in ("auto", True, False):
+        cfg = EggConfig(max_rounds=4, activation_memory_gb=budget, lean_activations=lean)
+        text, trace = run_egg(bb, img, "q", cfg)
+        c = trace.counters
+        out[lean] = (text, trace.final_views, [[g.box for g in r.selected] for r in trace.rounds])
+        expected = {"auto": 0 if budget is None else c.n_backward, True: c.n_backward, False: 0}[lean]
+        assert c.lean_passes == expected and c.n_backward > 0, (lean, c)
+        if budget is not None:  # nothing fits: every layer but the last recomputed, lean or not
+            assert c.recomputed_layers == c.n_backward * (bb.num_layers - 1)
+    assert out["auto"] == out[True] == out[False]
+    with pytest.raises(ValueError, match=r"method\.lean_activations must be auto, true or false"):
+        EggConfig(lean_activations="sometimes")
+
+
+def test_memory_plan_follows_the_lean_setting(bf16_backbones):
+    bb = bf16_backbones["qwen25vl"]
+    t = 200
+    plain, lean = bb.pass_activation_bytes(t, None), bb.pass_activation_bytes(t, None, lean=True)
+    assert bb.memory_plan(t, None, None, lean=True) == MemoryPlan(lean=True)
+    assert bb.memory_plan(t, None, plain, lean=True) == MemoryPlan(lean=True)
+    # without lean, the fewest layers recomputed that fit what lean fits as it is
+    r = next(r for r in range(bb.num_layers) if bb.pass_activation_bytes(t, None, r) <= lean)
+    assert r > 0 and bb.memory_plan(t, None, lean, lean=False) == MemoryPlan(recompute=r)
+    assert bb.memory_plan(t, None, lean) == MemoryPlan(lean=True)

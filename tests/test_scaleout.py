@@ -169,7 +169,7 @@ def test_bench_script_prints_its_table():
         cmd = [sys.executable, str(script), "--backbone", "tiny", "--n", "2", "--methods", methods, *more]
         return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
-    out = bench("vanilla,egg_one_view_per_pass,egg_reused_prefix,egg,egg_no_map_cache")
+    out = bench("vanilla,egg_one_view_per_pass,egg_reused_prefix,egg_lean,egg,egg_no_map_cache")
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert {"vanilla", "egg_one_view_per_pass", "egg", "egg_no_map_cache"} <= set(rows)
     results = json.loads(out.strip().splitlines()[-1])
@@ -177,6 +177,10 @@ def test_bench_script_prints_its_table():
     # one batched pass per round: never more backward passes than grounding one view at a time
     assert results["egg"]["backward"] <= results["egg_one_view_per_pass"]["backward"]
     assert results["passes"]["grounding_s"] > 0 and "grounding pass" in out
+    # every pass lean (method.lean_activations=true); the default has no budget on CPU, so none
+    lean = results["egg_lean"]
+    assert lean["lean_passes"] == lean["backward"] > 0 and results["egg"]["lean_passes"] == 0
+    assert lean["grounded"] == results["egg_reused_prefix"]["grounded"]
     # a speed-up undone: the map cache (every round grounds its views again, the whole image too)
     again, once = results["egg_no_map_cache"], results["egg_reused_prefix"]
     assert again["grounded"] >= once["grounded"] >= 1 and again["forward"] == once["forward"]

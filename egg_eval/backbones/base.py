@@ -605,18 +605,23 @@ class Backbone:
         layers, 598 tokens, fp32, the peak resident memory rose by 0.18-0.23 MB per token)."""
         return max(self.layers_run(layer) - 1, 0)
 
-    def memory_plan(self, n_tokens: int, layer: int | None, budget: float | None) -> MemoryPlan | None:
+    def memory_plan(
+        self, n_tokens: int, layer: int | None, budget: float | None, lean: bool | None = None
+    ) -> MemoryPlan | None:
         """The cheapest way a grounding pass over ``n_tokens`` tokens keeps within ``budget``
         activation bytes: as it is where it fits (or there is no budget); else lean activations
         (elementwise work again in the backward, about a third less held) and the fewest
         leading decoder layers recomputed (each one more forward of that layer) that bring it
         within; ``None`` when it does not fit even lean with :meth:`most_recomputed` layers
-        recomputed."""
-        if budget is None or self.pass_activation_bytes(n_tokens, layer) <= budget:
-            return MemoryPlan()
+        recomputed. ``lean`` True or False (``method.lean_activations``) instead makes every
+        plan lean, or none."""
+        if lean is None:
+            lean = not (budget is None or self.pass_activation_bytes(n_tokens, layer) <= budget)
+        if budget is None:
+            return MemoryPlan(lean=lean)
         plans = range(self.most_recomputed(layer) + 1)
-        r = next((r for r in plans if self.pass_activation_bytes(n_tokens, layer, r, lean=True) <= budget), None)
-        return None if r is None else MemoryPlan(lean=True, recompute=r)
+        r = next((r for r in plans if self.pass_activation_bytes(n_tokens, layer, r, lean) <= budget), None)
+        return None if r is None else MemoryPlan(lean=lean, recompute=r)
 
     def check_layer(self, layer: int | None) -> None:
         """Refuse a logit-lens ``layer`` the model does not have (1..num_layers, -1 / None: the last)."""

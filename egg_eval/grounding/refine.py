@@ -53,11 +53,17 @@ class EggConfig:
     # (with reuse_features): its prefill runs only the crops and the question
     reuse_prefix: bool = True
     checkpoint_layers: bool = False  # recompute decoder layers in the backward: less memory, more time
-    # activations a grounding pass may hold, GiB: over it, a round's views go one by one and a
-    # view recomputes the fewest leading decoder layers that bring it within. "auto" =
+    # activations a grounding pass may hold, GiB: over it, a pass keeps lean activations, a
+    # round's views that do not fit even so go one by one, and a view recomputes the fewest
+    # leading decoder layers that bring it within. "auto" =
     # AUTO_ACTIVATION_FRACTION of the weights' bytes on a GPU (peak within 1.5x the plain
     # model's), no limit on CPU; None = no limit.
     activation_memory_gb: float | str | None = "auto"
+    # lean activations in the grounding backward (egg_eval.backbones.lean; the same maps to the
+    # bit): "auto" = where a pass is over the budget, before recomputing layers; True = every
+    # pass (less memory for a little elementwise work); False = never (over the budget, only
+    # layers are recomputed)
+    lean_activations: bool | str = "auto"
 
     def __post_init__(self):
         # the messages name the settings as `python -m egg_eval` spells them
@@ -84,6 +90,8 @@ class EggConfig:
         a = self.activation_memory_gb
         if not (a is None or a == "auto" or (isinstance(a, int | float) and not isinstance(a, bool) and a > 0)):
             raise ValueError(f"activation_memory_gb must be a positive number of GiB, 'auto' or null, got {a!r}")
+        if self.lean_activations not in ("auto", True, False):
+            raise ValueError(f"method.lean_activations must be auto, true or false, got {self.lean_activations!r}")
 
 
 AUTO_ACTIVATION_FRACTION = 0.4  # of the weights' bytes; leaves room for the answer pass's KV cache
@@ -135,6 +143,7 @@ class Refiner:
             layer=c.layer,
             recompute_layers=recompute_layers,
             memory_budget=self.memory_budget,
+            lean=None if c.lean_activations == "auto" else c.lean_activations,
         )
 
     def _unless_out_of_memory(self, attempt: Callable[[], object]):

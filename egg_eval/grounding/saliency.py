@@ -84,14 +84,16 @@ def token_saliency(
     recompute_layers: bool = False,
     memory_budget: float | None = None,
     keep_prefix: bool = False,
+    lean: bool | None = None,
 ) -> Grounding:
     """Ground one view: the gradient norm of ``objective`` at decoding step ``token_index``
     (1 = first answer token; t > 1 greedy-unrolls t - 1 tokens first) through the first
     ``layer`` decoder layers (None = all), with respect to each projected visual token.
     ``recompute_layers`` trades memory for time (same scores; True: all decoder layers but the
     last, method.checkpoint_layers; an int: that many leading ones); where the pass's estimated activations
-    (:meth:`Backbone.pass_activation_bytes`) exceed ``memory_budget`` bytes, the fewest
-    leading layers that bring it within are recomputed.
+    (:meth:`Backbone.pass_activation_bytes`) exceed ``memory_budget`` bytes, the pass keeps
+    lean activations and recomputes the fewest leading layers that bring it within
+    (:meth:`Backbone.memory_plan`; ``lean`` True or False: every pass lean, or none).
     ``keep_prefix``: keep the pass's KV cache in ``Grounding.prefix`` (not where the logit
     lens stops early: the cache would not be the whole prompt's).
     """
@@ -103,29 +105,31 @@ def token_saliency(
     enc = backbone.encode([image], question)
     if token_index > 1:
         enc = backbone.append_tokens(enc, backbone.greedy_tokens(enc, token_index - 1))
-    out = _ground_encoded(backbone, enc, image, objective, layer, recompute_layers, memory_budget, keep_prefix)
+    out = _ground_encoded(backbone, enc, image, objective, layer, recompute_layers, memory_budget, keep_prefix, lean)
     backbone.counters.time_ground_s += time.perf_counter() - t0
     return out
 
 
-def _memory_plan(backbone: Backbone, n_tokens: int, layer, memory_budget) -> MemoryPlan:
+def _memory_plan(backbone: Backbone, n_tokens: int, layer, memory_budget, lean: bool | None) -> MemoryPlan:
     """How a pass over ``n_tokens`` tokens keeps within ``memory_budget``
-    (:meth:`Backbone.memory_plan`): as it is without a budget; where nothing fits, lean with
-    :meth:`Backbone.most_recomputed` layers recomputed (the least a pass can hold)."""
-    plan = backbone.memory_plan(n_tokens, layer, memory_budget)
-    return MemoryPlan(lean=True, recompute=backbone.most_recomputed(layer)) if plan is None else plan
+    (:meth:`Backbone.memory_plan`): as it is (or lean, where ``lean`` says so) without a
+    budget; where nothing fits, :meth:`Backbone.most_recomputed` layers recomputed (the least a
+    pass can hold), lean unless ``lean`` is False."""
+    plan = backbone.memory_plan(n_tokens, layer, memory_budget, lean)
+    return MemoryPlan(lean=lean is not False, recompute=backbone.most_recomputed(layer)) if plan is None else plan
 
 
 def _ground_encoded(
-    backbone: Backbone, enc, image, objective, layer, recompute_layers, memory_budget, keep_prefix=False
+    backbone: Backbone, enc, image, objective, layer, recompute_layers, memory_budget, keep_prefix=False, lean=None
 ) -> Grounding:
     """The forward and backward of one encoded view."""
-    lean = recompute_layers is True  # the least memory: lean as well
-    if recompute_layers is not True:
-        plan = _memory_plan(backbone, enc["input_ids"].shape[-1], layer, memory_budget)
-        recompute_layers, lean = max(int(recompute_layers), plan.recompute), plan.lean
-        if plan != MemoryPlan():
+    if recompute_layers is True:  # the least memory: lean as well, unless lean is off
+        lean = lean is not False
+    else:
+        plan = _memory_plan(backbone, enc["input_ids"].shape[-1], layer, memory_budget, lean)
+        if plan.recompute or plan.lean != bool(lean):  # changed by the budget
             backbone.counters.memory_limited += 1
+        recompute_layers, lean = max(int(recompute_layers), plan.recompute), plan.lean
     leaves = backbone.visual_leaves(enc)
     cache = backbone.new_cache() if keep_prefix and backbone.runs_all_layers(layer) else None
     with torch.enable_grad():
@@ -172,6 +176,7 @@ def token_saliency_batch(
     layer: int | None = None,
     recompute_layers: bool = False,
     memory_budget: float | None = None,
+    lean: bool | None = None,
 ) -> list[Grounding]:
     """:func:`token_saliency` of several views in ONE forward and ONE backward pass.
 
@@ -180,28 +185,31 @@ def token_saliency_batch(
     Rows of a batch do not interact, so the gradient of the sum with respect to a view's
     leaves is exactly that view's own gradient. Falls back to one pass per view when the
     backbone cannot batch, ``token_index > 1``, or the batch's estimated activations exceed
-    ``memory_budget`` bytes (each view then is held to the budget on its own).
+    ``memory_budget`` bytes even lean (each view then is held to the budget on its own).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
-    kw = dict(objective=objective, layer=layer, recompute_layers=recompute_layers, memory_budget=memory_budget)
+    kw = dict(
+        objective=objective, layer=layer, recompute_layers=recompute_layers, memory_budget=memory_budget, lean=lean
+    )
     if len(images) < 2 or not backbone.batch_grounding or token_index != 1:
         return [token_saliency(backbone, im, question, token_index=token_index, **kw) for im in images]
     t0 = time.perf_counter()
     encs = [backbone.encode([im], question) for im in images]
     padded = len(encs) * max(e["input_ids"].shape[-1] for e in encs)
-    # a batch only where it fits the budget as it is (with every layer recomputed, where that
-    # is asked for): it holds its views' tokens at once, so recomputing layers to fit it
+    # a batch only where it fits the budget as it is or lean (with every layer recomputed, where
+    # that is asked for): it holds its views' tokens at once, so recomputing layers to fit it
     # always costs more recomputation than its views one by one, and batching saves only launches
     least = recompute_layers is True
     recomputed = backbone.most_recomputed(layer) if least else 0
+    as_asked = least if lean is None else lean  # the least memory is lean as well
 
     def fits(lean: bool) -> bool:
         return backbone.pass_activation_bytes(padded, layer, recomputed, lean) <= memory_budget
 
-    if memory_budget is None or fits(least):
-        out = _ground_stacked(backbone, encs, images, objective, layer, recompute_layers, least)
-    elif fits(True):  # lean costs some elementwise work again, far less than splitting the batch
+    if memory_budget is None or fits(as_asked):
+        out = _ground_stacked(backbone, encs, images, objective, layer, recompute_layers, as_asked)
+    elif lean is None and fits(True):  # lean costs some elementwise work again, far less than splitting
         backbone.counters.memory_limited += 1
         out = _ground_stacked(backbone, encs, images, objective, layer, recompute_layers, True)
     else:
