@@ -209,3 +209,36 @@ def test_memory_plan_follows_the_lean_setting(bf16_backbones):
     r = next(r for r in range(bb.num_layers) if bb.pass_activation_bytes(t, None, r) <= lean)
     assert r > 0 and bb.memory_plan(t, None, lean, lean=False) == MemoryPlan(recompute=r)
     assert bb.memory_plan(t, None, lean) == MemoryPlan(lean=True)
+
+
+def test_an_instance_forward_set_before_is_put_back(tiny_backbones):
+    """A hook that set a module's instance ``forward`` (as accelerate's do) keeps it after a
+    lean or recomputed pass, and the pass ran through it: an MLP so wrapped is not made lean."""
+    bb = tiny_backbones["llava15"]
+    layer, mlp = bb.decoder_layers[0], bb.decoder_layers[1].mlp
+    calls = []
+
+    def hooked(module):
+        stock = module.forward
+
+        def forward(*a, **k):
+            calls.append(module)
+            return stock(*a, **k)
+
+        module.forward = forward
+        return forward
+
+    hooks = {layer: hooked(layer), mlp: hooked(mlp)}
+    try:
+        enc = bb.encode([noise_image(120, 90, seed=2)], Q)
+        leaves = bb.visual_leaves(enc)
+        with torch.enable_grad():
+            value = entropy(bb.next_token_logits(enc, leaves, lean=True, recompute_layers=1))
+            torch.autograd.grad(value, leaves)
+        assert calls.count(layer) == 2  # the forward and the recomputation of layer 0
+        assert calls.count(mlp) == 1 and mlp not in lean_modules(bb.language_model)[1]
+        assert all(vars(m)["forward"] is f for m, f in hooks.items())
+    finally:
+        for m in hooks:
+            del m.forward
+    assert untouched(bb)

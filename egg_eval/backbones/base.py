@@ -24,7 +24,7 @@ import torch.utils.checkpoint
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from egg_eval.backbones.lean import is_gated_mlp, lean_activations
+from egg_eval.backbones.lean import lean_activations, lean_mlp, restore_forward
 from egg_eval.backbones.processors import torch_pixel_arithmetic
 from egg_eval.types import Counters
 
@@ -255,7 +255,8 @@ def recompute_in_backward(
     only its input for the backward and recomputes the rest there (non-reentrant
     ``torch.utils.checkpoint``, so ``torch.autograd.grad`` to the visual leaves works). Each
     layer so wrapped holds one hidden state per token instead of its activations, for one
-    more forward of that layer. The layers' own ``forward`` is restored in ``finally``.
+    more forward of that layer. The layers' ``forward`` is restored in ``finally`` (the class's,
+    or an instance ``forward`` a hook had set).
 
     A pass that fills a FRESH KV cache (``Prefix``) stays exact: the recomputation runs
     without the cache (which already holds the layer's keys and values from the forward;
@@ -268,7 +269,7 @@ def recompute_in_backward(
     if not enabled or not layers:
         yield
         return
-    originals = []
+    before = [(layer, vars(layer).get("forward")) for layer in layers]  # an instance forward already set
     for layer in layers:
         original = layer.forward
 
@@ -285,13 +286,11 @@ def recompute_in_backward(
 
             return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
-        originals.append((layer, original))
         layer.forward = forward
     try:
         yield
     finally:
-        for layer, _ in originals:
-            del layer.forward  # back to the class's forward (the instance attribute shadowed it)
+        restore_forward(before)
 
 
 class Backbone:
@@ -570,7 +569,7 @@ class Backbone:
         i = getattr(cfg, "intermediate_size", None) or 4 * h
         first = self.decoder_layers[0]
         norm_copy = 1 if lean else 2  # the float32 copy, in bf16 elements (on a float32 model: an overcount)
-        gated = 2 if lean and is_gated_mlp(first.mlp) else 3
+        gated = 2 if lean and lean_mlp(first.mlp) else 3
         per_layer = 2 * h * norm_copy + 2 * q + 2 * kv + gated * i
         if getattr(first.self_attn, "q_norm", None) is not None:
             per_layer += (q + kv) * norm_copy

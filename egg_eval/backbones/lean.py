@@ -75,6 +75,12 @@ def is_gated_mlp(module: torch.nn.Module) -> bool:
     return _gated_forward(type(module))
 
 
+def lean_mlp(module: torch.nn.Module) -> bool:
+    """Whether :func:`lean_activations` makes ``module`` a lean MLP: a gated one whose
+    ``forward`` no hook has set (its lean form replaces the forward)."""
+    return is_gated_mlp(module) and "forward" not in vars(module)
+
+
 @functools.cache
 def _gated_forward(cls: type) -> bool:
     try:
@@ -89,7 +95,9 @@ def lean_modules(
     root: torch.nn.Module, skip: Sequence[torch.nn.Module] = ()
 ) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
     """The RMSNorms under ``root`` that keep a wider copy of their input (those whose weight is
-    not float32) and its gated MLPs, outside the modules ``skip``."""
+    not float32) and its gated MLPs, outside the modules ``skip``. A norm's forward is run as
+    it is (a hook's instance ``forward`` included); an MLP's is replaced by its lean form, so
+    an MLP whose ``forward`` a hook has set is left alone."""
     skipped = {id(m) for s in skip for m in s.modules()}
     norms, mlps = [], []
     for module in root.modules():
@@ -98,7 +106,7 @@ def lean_modules(
         if type(module).__name__.endswith("RMSNorm") and getattr(module, "weight", None) is not None:
             if module.weight.dtype != torch.float32:
                 norms.append(module)
-        elif is_gated_mlp(module):
+        elif lean_mlp(module):
             mlps.append(module)
     return norms, mlps
 
@@ -116,6 +124,7 @@ def lean_activations(
         yield
         return
     norms, mlps = lean_modules(root, skip)
+    before = [(m, vars(m).get("forward")) for m in norms + mlps]  # an instance forward already set (a hook's)
     for norm in norms:
         norm.forward = lambda x, _f=norm.forward: _Recomputed.apply(x, _f)
     for mlp in mlps:
@@ -123,5 +132,13 @@ def lean_activations(
     try:
         yield
     finally:
-        for module in norms + mlps:
+        restore_forward(before)
+
+
+def restore_forward(before: Sequence[tuple[torch.nn.Module, object]]) -> None:
+    """Put back each module's instance ``forward`` as it was (or none: the class's)."""
+    for module, forward in before:
+        if forward is None:
             del module.forward
+        else:
+            module.forward = forward
