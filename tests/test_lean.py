@@ -242,3 +242,42 @@ def test_an_instance_forward_set_before_is_put_back(tiny_backbones):
         for m in hooks:
             del m.forward
     assert untouched(bb)
+
+
+def test_lean_per_head_norms_of_qwen3_are_bit_equal():
+    """InternVL-3.5's language model (Qwen3; the tiny test model is a Qwen2) normalises q and k
+    per head, on 4-d tensors: the lean norm gives the same output and gradient there too."""
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
+
+    cfg = Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8,
+    )  # fmt: skip
+    model = Qwen3Model(cfg).to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():  # norms' weights away from 1, so a wrong weight shows
+            p.add_(0.1 * torch.randn_like(p))
+    norms, mlps = lean_modules(model)
+    assert sum(type(n).__name__ == "Qwen3RMSNorm" for n in norms) == 4 * cfg.num_hidden_layers + 1
+    assert len(mlps) == cfg.num_hidden_layers
+    embeds = torch.randn(1, 9, 32).to(torch.bfloat16)
+    out, saved = {}, {}
+    weights = {p.data_ptr() for p in model.parameters()}
+    for lean in (False, True):
+        x = embeds.clone().requires_grad_()
+        kept = {}
+
+        def pack(t, kept=kept):
+            if t.data_ptr() not in weights:
+                kept[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.enable_grad(), lean_activations(model, lean):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                h = model(inputs_embeds=x).last_hidden_state
+            out[lean] = (h.detach(), torch.autograd.grad(h.float().pow(2).sum(), x)[0])
+        saved[lean] = sum(kept.values())
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    assert saved[True] < 0.8 * saved[False], saved  # lean was in force
+    assert all("forward" not in vars(m) for m in model.modules())
