@@ -47,10 +47,18 @@ PLAN_TOKENS = {
 }
 
 
-def main() -> None:
+def published(family: str, layers: int | None, device: str, dtype: str):
+    """The family's published configuration with random weights, ``layers`` decoder layers
+    (None: all), as ``scripts/bench.py --backbone real`` builds it."""
     from bench import real_size
 
     from egg_eval.backbones import BACKBONES
+
+    model, proc = real_size(family, layers, torch.device(device), getattr(torch, dtype))
+    return BACKBONES[family](model, proc, name=family)
+
+
+def main() -> None:
     from egg_eval.backbones.lean import lean_activations
     from egg_eval.data.detail import rows
     from egg_eval.grounding.saliency import saved_bytes_per_token
@@ -75,13 +83,12 @@ def main() -> None:
     for family in args.families.split(","):
         measured: dict[bool, list[float]] = {False: [], True: []}
         for layers in (1, 2):
-            model, proc = real_size(family, layers, torch.device("cpu"), getattr(torch, args.dtype))
-            bb = BACKBONES[family](model, proc, name=family)
+            bb = published(family, layers, "cpu", args.dtype)
             for lean in (False, True):
                 with lean_activations(bb.language_model, lean):
                     measured[lean].append(saved_bytes_per_token(bb, r["image"], r["question"]))
             per_layer = {lean: bb._saved_elements(lean)[0] * bb.dtype.itemsize for lean in (False, True)}
-            del model, bb
+            del bb
         for lean, (one, two) in measured.items():
             saved = two - one
             estimate = int(1.1 * per_layer[lean])
@@ -97,9 +104,6 @@ def _status_mb(key: str) -> float:
 def peak(args, r) -> None:
     import time
 
-    from bench import real_size
-
-    from egg_eval.backbones import BACKBONES
     from egg_eval.grounding.saliency import entropy
 
     mode, _, recompute = args.peak.partition("+")
@@ -107,8 +111,7 @@ def peak(args, r) -> None:
         raise SystemExit(f"--peak takes plain, lean, plain+R or lean+R, got {args.peak!r}")
     lean, recompute = mode == "lean", int(recompute or 0)
     family = args.families.split(",")[0]
-    model, proc = real_size(family, args.layers, torch.device("cpu"), getattr(torch, args.dtype))
-    bb = BACKBONES[family](model, proc, name=family)
+    bb = published(family, args.layers, "cpu", args.dtype)
     enc = bb.encode([r["image"].resize((args.image_size, args.image_size))], r["question"])
     leaves = bb.visual_leaves(enc)
     with open("/proc/self/clear_refs", "w") as f:
@@ -128,9 +131,6 @@ def peak(args, r) -> None:
 
 
 def plans(args) -> None:
-    from bench import real_size
-
-    from egg_eval.backbones import BACKBONES
     from egg_eval.grounding.refine import AUTO_ACTIVATION_FRACTION
 
     gib = 2**30
@@ -140,8 +140,7 @@ def plans(args) -> None:
     )
     print("|---|---|---|---|---|---|")
     for family in args.families.split(","):
-        model, proc = real_size(family, None, torch.device("meta"), getattr(torch, args.dtype))
-        bb = BACKBONES[family](model, proc, name=family)
+        bb = published(family, None, "meta", args.dtype)
         budget = AUTO_ACTIVATION_FRACTION * bb.weight_bytes
         for what, n in PLAN_TOKENS[family]:
             without = next(

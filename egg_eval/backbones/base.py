@@ -667,7 +667,7 @@ class Backbone:
             self.counters.lean_passes += int(lean)
         recomputed = self.decoder_layers[:n_recompute]
         recompute = recompute_in_backward(recomputed, grad, lean)
-        slim = lean_activations(self.language_model, lean and grad, skip=recomputed if grad else ())
+        slim = lean_activations(self.language_model, lean and grad, skip=recomputed)
         keep = 1 if positions is None else positions.reshape(-1, 1)
         if self.runs_all_layers(layer):
             with recompute, slim:

@@ -34,39 +34,24 @@ GATED_MLP_BODIES = (
 
 
 class _Recomputed(torch.autograd.Function):
-    """``fn(x)`` keeping only ``x``; the backward runs ``fn`` again and differentiates it."""
+    """``fn(*xs)`` keeping only ``xs``; the backward runs ``fn`` again and differentiates it."""
 
     @staticmethod
-    def forward(ctx, x, fn):
+    def forward(ctx, fn, *xs):
         ctx.fn = fn
-        ctx.save_for_backward(x)
-        return fn(x)
+        ctx.save_for_backward(*xs)
+        return fn(*xs)
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
         with torch.enable_grad():
-            x = x.detach().requires_grad_()
-            out = ctx.fn(x)
-        return torch.autograd.grad(out, x, grad)[0], None
+            xs = [x.detach().requires_grad_() for x in ctx.saved_tensors]
+            out = ctx.fn(*xs)
+        return None, *torch.autograd.grad(out, xs, grad)
 
 
-class _GatedProduct(torch.autograd.Function):
-    """``act(gate) * up`` keeping ``gate`` and ``up`` only (not ``act(gate)`` as well)."""
-
-    @staticmethod
-    def forward(ctx, gate, up, act):
-        ctx.act = act
-        ctx.save_for_backward(gate, up)
-        return act(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        with torch.enable_grad():
-            gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
-            out = ctx.act(gate) * up
-        return *torch.autograd.grad(out, (gate, up), grad), None
+def _gated_product(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return act(gate) * up
 
 
 def is_gated_mlp(module: torch.nn.Module) -> bool:
@@ -126,9 +111,10 @@ def lean_activations(
     norms, mlps = lean_modules(root, skip)
     before = [(m, vars(m).get("forward")) for m in norms + mlps]  # an instance forward already set (a hook's)
     for norm in norms:
-        norm.forward = lambda x, _f=norm.forward: _Recomputed.apply(x, _f)
-    for mlp in mlps:
-        mlp.forward = lambda x, _m=mlp: _m.down_proj(_GatedProduct.apply(_m.gate_proj(x), _m.up_proj(x), _m.act_fn))
+        norm.forward = functools.partial(_Recomputed.apply, norm.forward)
+    for mlp in mlps:  # act(gate) * up keeping gate and up only, not act(gate) as well
+        product = functools.partial(_gated_product, mlp.act_fn)
+        mlp.forward = lambda x, _m=mlp, _p=product: _m.down_proj(_Recomputed.apply(_p, _m.gate_proj(x), _m.up_proj(x)))
     try:
         yield
     finally:

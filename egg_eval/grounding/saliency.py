@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -110,32 +110,36 @@ def token_saliency(
     return out
 
 
-def _memory_plan(backbone: Backbone, n_tokens: int, layer, memory_budget, lean: bool | None) -> MemoryPlan:
-    """How a pass over ``n_tokens`` tokens keeps within ``memory_budget``
-    (:meth:`Backbone.memory_plan`): as it is (or lean, where ``lean`` says so) without a
-    budget; where nothing fits, :meth:`Backbone.most_recomputed` layers recomputed (the least a
-    pass can hold), lean unless ``lean`` is False."""
+def _plan(backbone: Backbone, n_tokens: int, layer, recompute_layers, memory_budget, lean) -> MemoryPlan | None:
+    """The memory plan of a pass over ``n_tokens`` tokens, or ``None`` where it does not fit
+    ``memory_budget``: ``recompute_layers`` True (the least memory) recomputes every layer but
+    the last and is lean unless ``lean`` is False; otherwise :meth:`Backbone.memory_plan`,
+    with at least ``recompute_layers`` layers recomputed. Without a budget: what was asked."""
+    if recompute_layers is True:
+        plan = MemoryPlan(lean=lean is not False, recompute=backbone.most_recomputed(layer))
+        held = backbone.pass_activation_bytes(n_tokens, layer, plan.recompute, plan.lean)
+        return plan if memory_budget is None or held <= memory_budget else None
     plan = backbone.memory_plan(n_tokens, layer, memory_budget, lean)
-    return MemoryPlan(lean=lean is not False, recompute=backbone.most_recomputed(layer)) if plan is None else plan
+    return None if plan is None else replace(plan, recompute=max(plan.recompute, int(recompute_layers)))
 
 
 def _ground_encoded(
     backbone: Backbone, enc, image, objective, layer, recompute_layers, memory_budget, keep_prefix=False, lean=None
 ) -> Grounding:
-    """The forward and backward of one encoded view."""
-    if recompute_layers is True:  # the least memory: lean as well, unless lean is off
-        lean = lean is not False
-    else:
-        plan = _memory_plan(backbone, enc["input_ids"].shape[-1], layer, memory_budget, lean)
-        if plan.recompute or plan.lean != bool(lean):  # changed by the budget
-            backbone.counters.memory_limited += 1
-        recompute_layers, lean = max(int(recompute_layers), plan.recompute), plan.lean
+    """The forward and backward of one encoded view, held to ``memory_budget`` by its plan
+    (:func:`_plan`; where nothing fits, the least a pass can hold)."""
+    n_tokens = enc["input_ids"].shape[-1]
+    plan = _plan(backbone, n_tokens, layer, recompute_layers, memory_budget, lean) or _plan(
+        backbone, n_tokens, layer, True, None, lean
+    )
+    if plan != _plan(backbone, n_tokens, layer, recompute_layers, None, lean):  # changed by the budget
+        backbone.counters.memory_limited += 1
     leaves = backbone.visual_leaves(enc)
     cache = backbone.new_cache() if keep_prefix and backbone.runs_all_layers(layer) else None
     with torch.enable_grad():
         with phase("forward"):
             logits = backbone.next_token_logits(
-                enc, leaves, layer=layer, recompute_layers=recompute_layers, cache=cache, lean=lean
+                enc, leaves, layer=layer, recompute_layers=plan.recompute, cache=cache, lean=plan.lean
             )
             value = OBJECTIVES[objective](logits)
         with phase("backward"):
@@ -197,21 +201,14 @@ def token_saliency_batch(
     t0 = time.perf_counter()
     encs = [backbone.encode([im], question) for im in images]
     padded = len(encs) * max(e["input_ids"].shape[-1] for e in encs)
-    # a batch only where it fits the budget as it is or lean (with every layer recomputed, where
-    # that is asked for): it holds its views' tokens at once, so recomputing layers to fit it
-    # always costs more recomputation than its views one by one, and batching saves only launches
-    least = recompute_layers is True
-    recomputed = backbone.most_recomputed(layer) if least else 0
-    as_asked = least if lean is None else lean  # the least memory is lean as well
-
-    def fits(lean: bool) -> bool:
-        return backbone.pass_activation_bytes(padded, layer, recomputed, lean) <= memory_budget
-
-    if memory_budget is None or fits(as_asked):
-        out = _ground_stacked(backbone, encs, images, objective, layer, recompute_layers, as_asked)
-    elif lean is None and fits(True):  # lean costs some elementwise work again, far less than splitting
-        backbone.counters.memory_limited += 1
-        out = _ground_stacked(backbone, encs, images, objective, layer, recompute_layers, True)
+    # a batch only where it fits the budget without recomputing (more) layers, lean where it
+    # needs to be: it holds its views' tokens at once, so recomputing layers to fit it always
+    # costs more recomputation than its views one by one, and batching saves only launches
+    plan = _plan(backbone, padded, layer, recompute_layers, memory_budget, lean)
+    asked = _plan(backbone, padded, layer, recompute_layers, None, lean)
+    if plan is not None and plan.recompute == asked.recompute:
+        backbone.counters.memory_limited += plan != asked  # made lean by the budget
+        out = _ground_stacked(backbone, encs, images, objective, layer, plan)
     else:
         backbone.counters.memory_limited += 1
         out = [_ground_encoded(backbone, e, im, **kw) for e, im in zip(encs, images)]
@@ -219,7 +216,7 @@ def token_saliency_batch(
     return out
 
 
-def _ground_stacked(backbone: Backbone, encs, images, objective, layer, recompute_layers, lean) -> list[Grounding]:
+def _ground_stacked(backbone: Backbone, encs, images, objective, layer, plan: MemoryPlan) -> list[Grounding]:
     """The forward and backward of several encoded views as one batch: their prompts stacked
     (right-padded where their lengths differ), their images embedded by one vision-tower call."""
     enc, positions = backbone.stack_lm_inputs(encs)
@@ -231,7 +228,7 @@ def _ground_stacked(backbone: Backbone, encs, images, objective, layer, recomput
     with torch.enable_grad():
         with phase("forward"):
             logits = backbone.next_token_logits(
-                enc, leaves, layer=layer, recompute_layers=recompute_layers, positions=positions, lean=lean
+                enc, leaves, layer=layer, recompute_layers=plan.recompute, positions=positions, lean=plan.lean
             )
             values = [OBJECTIVES[objective](logits[i]) for i in range(len(images))]
         with phase("backward"):
