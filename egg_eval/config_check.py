@@ -55,6 +55,7 @@ class BackboneSchema:
     revision: Optional[str] = None  # noqa: UP045
     dtype: str = "auto"
     attn_implementation: Optional[str] = "sdpa"  # noqa: UP045
+    sdpa_cudnn: bool = False
     device: str = "auto"
     max_new_tokens: int = 32
     repetition_penalty: Optional[float] = None  # noqa: UP045

@@ -170,23 +170,32 @@ def real_size(family: str, layers: int | None, device, dtype):
 def load(args):
 
     from egg_eval.backbones import BACKBONES, load_backbone
-    from egg_eval.backbones.base import resolve_device_dtype
+    from egg_eval.backbones.base import resolve_device_dtype, use_cudnn_attention
     from egg_eval.toy_vlm import CHECKPOINT
 
+    cudnn = getattr(args, "sdpa_cudnn", False)
+    use_cudnn_attention(cudnn)
+
     if args.backbone == "toy":
-        return load_backbone("llava15", str(CHECKPOINT), dtype=args.dtype, device=args.device, max_new_tokens=4)
+        return load_backbone(
+            "llava15", str(CHECKPOINT), dtype=args.dtype, device=args.device, max_new_tokens=4, sdpa_cudnn=cudnn
+        )
     if args.backbone == "tiny":
         import tempfile
 
         from egg_eval.backbones.tiny import save_tiny
 
         path = save_tiny(args.family, tempfile.mkdtemp())
-        return load_backbone(args.family, str(path), dtype=args.dtype, device=args.device, max_new_tokens=4)
+        return load_backbone(
+            args.family, str(path), dtype=args.dtype, device=args.device, max_new_tokens=4, sdpa_cudnn=cudnn
+        )
     if args.backbone == "real":
         device, dtype = resolve_device_dtype(args.device, args.dtype)
         model, proc = real_size(args.family, args.layers, device, dtype)
         return BACKBONES[args.family](model, proc, name=f"{args.family}_random7b", max_new_tokens=4)
-    return load_backbone(args.family, args.backbone, dtype=args.dtype, device=args.device, max_new_tokens=4)
+    return load_backbone(
+        args.family, args.backbone, dtype=args.dtype, device=args.device, max_new_tokens=4, sdpa_cudnn=cudnn
+    )
 
 
 def child(args):
@@ -324,6 +333,7 @@ def child(args):
             "extra_mb": (peak - base_mem) / 2**20,
             "device": str(backbone.device),
             "dtype": str(backbone.dtype),
+            "sdpa_cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
             "load_s": load_s,
         }
 
@@ -387,6 +397,7 @@ def header(args) -> str:
         f"backbone={args.backbone} family={args.family} n={args.n} image={args.image_size or 320}px "
         f"repeats={args.repeats} device={args.device} dtype={args.dtype} layers={args.layers or 'all'}"
         + (" vision-windows=stock" if args.stock_windows else "")
+        + (" sdpa=cudnn-allowed" if args.sdpa_cudnn else "")
         + (f" max-tiles={args.max_tiles}" if args.max_tiles is not None else "")
         + (f" max-pixels={args.max_pixels}" if args.max_pixels is not None else "")
     )
@@ -476,6 +487,12 @@ def main() -> None:
         "--stock-windows",
         action="store_true",
         help="qwen25vl: the stock SDPA vision attention, one call per window (default: one per window length)",
+    )
+    ap.add_argument(
+        "--sdpa-cudnn",
+        action="store_true",
+        help="let SDPA use cuDNN attention (PyTorch's own choice on Hopper; backbone.sdpa_cudnn=true); "
+        "default: flash / memory-efficient, as the library runs",
     )
     ap.add_argument("--max-tiles", type=int, default=None, help="internvl35: backbone.max_tiles (tiles per view)")
     ap.add_argument("--max-pixels", type=int, default=None, help="qwen25vl: backbone.max_pixels (area per view)")

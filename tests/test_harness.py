@@ -264,6 +264,26 @@ def test_attention_implementation_is_a_backbone_setting(tmp_path):
     assert again["score"] == first["score"]
 
 
+def test_cudnn_attention_is_off_unless_asked_for(tmp_path):
+    """``backbone.sdpa_cudnn`` sets PyTorch's process-wide switch for cuDNN attention when the
+    backbone loads: off by default (on an H200 its per-shape graph builds made EGG 1.7-2.5x
+    slower), on when asked; it is not part of a result's identity, like the kernel choice."""
+    import torch
+
+    from egg_eval.cli import NOT_IN_RESULT, build
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)  # PyTorch's own default
+        build(cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", "method.max_rounds=2"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        build(cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", "backbone.sdpa_cudnn=true"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    assert "backbone.sdpa_cudnn" in NOT_IN_RESULT
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -272,6 +292,7 @@ def test_attention_implementation_is_a_backbone_setting(tmp_path):
         ("method.sigma=wide", r"method\.sigma: .* Float"),
         ("method.objective=entropyy", r"method\.objective must be one of \['entropy'"),
         ("method.lean_activations=maybe", r"method\.lean_activations must be auto, true or false"),
+        ("backbone.sdpa_cudnn=sometimes", r"backbone\.sdpa_cudnn: Value 'sometimes' is not a valid bool"),
         ("method.top_k=0", r"method\.top_k must be >= 1"),
         ("stopping=fixed stopping.n=0", r"stopping\.n must be >= 1"),
         ("method.max_aspect=0.5", r"method\.max_aspect must be >= 1"),

@@ -187,9 +187,13 @@ def test_bench_script_prints_its_table():
     assert "egg_no_map_cache: every view of a round grounded again" in out
     # all methods in one process (the GPU default): the same work per method
     one = bench(
-        "vanilla,egg,egg_param_grads,egg_eager,egg_fp32", "--processes", "one", "--profile", "1", "--flops", "1"
+        "vanilla,egg,egg_param_grads,egg_eager,egg_fp32",
+        *("--processes", "one", "--profile", "1", "--flops", "1", "--sdpa-cudnn"),
     )
     shared = json.loads(one.strip().splitlines()[-1])
+    # cuDNN attention: off unless --sdpa-cudnn (backbone.sdpa_cudnn=true), in each method's process
+    assert shared["egg"]["sdpa_cudnn"] is True and "sdpa=cudnn-allowed" in one.splitlines()[0]
+    assert results["egg"]["sdpa_cudnn"] is False and results["vanilla"]["sdpa_cudnn"] is False
     # egg_fp32 is skipped on a float32 model; the others run what egg runs, another way
     assert set(shared) == {"vanilla", "egg", "egg_param_grads", "egg_eager", "passes"}
     for m in ("egg_param_grads", "egg_eager"):

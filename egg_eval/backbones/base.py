@@ -364,13 +364,16 @@ class Backbone:
         device: str = "auto",
         revision: str | None = None,
         attn_implementation: str | None = "sdpa",
+        sdpa_cudnn: bool = False,
         max_new_tokens: int = 32,
         name: str | None = None,
         repetition_penalty: float | None = None,
         **adapter: Any,
     ) -> Backbone:
         """Load from a hub id or a local ``save_pretrained`` directory; ``trust_remote_code`` stays
-        off. ``adapter``: the family's own settings (Qwen2.5-VL: ``min_pixels``, ``max_pixels``)."""
+        off. ``adapter``: the family's own settings (Qwen2.5-VL: ``min_pixels``, ``max_pixels``).
+        ``sdpa_cudnn``: see :func:`use_cudnn_attention` (process-wide)."""
+        use_cudnn_attention(sdpa_cudnn)
         path = str(path or cls.default_path)
         dev, torch_dtype = resolve_device_dtype(device, dtype)
         kw: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": False}
@@ -905,6 +908,18 @@ def weights_digest(path: str | Path, chunks: int = 32, chunk_bytes: int = 1 << 1
                 f.seek((size - chunk_bytes) * i // (chunks - 1))
                 h.update(f.read(chunk_bytes))
     return h.hexdigest()
+
+
+def use_cudnn_attention(on: bool) -> None:
+    """Whether ``scaled_dot_product_attention`` may pick cuDNN's attention kernels (a
+    process-wide PyTorch switch; ``backbone.sdpa_cudnn``). Off by default. PyTorch >= 2.10
+    prefers them on Hopper and Blackwell once its bundled cuDNN is newer than 9.15, and cuDNN
+    builds a graph for each new shape; in a benchmark run nearly every call has a new length
+    (each question, each view's token count, each decoding step). On an H200 (torch 2.11) EGG
+    took 1.38 s per LLaVA-1.6 sample with them and 0.80 s without, the plain model 0.19 s and
+    0.13 s (``results/bench/h200_2026-12-04``). Off, SDPA takes flash or memory-efficient
+    attention, which need no per-shape build. Results are equal up to float rounding."""
+    torch.backends.cuda.enable_cudnn_sdp(bool(on))
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
