@@ -397,7 +397,7 @@ def header(args) -> str:
         f"backbone={args.backbone} family={args.family} n={args.n} image={args.image_size or 320}px "
         f"repeats={args.repeats} device={args.device} dtype={args.dtype} layers={args.layers or 'all'}"
         + (" vision-windows=stock" if args.stock_windows else "")
-        + (" sdpa=cudnn-allowed" if args.sdpa_cudnn else "")
+        + (" sdpa=cudnn-allowed" if getattr(args, "sdpa_cudnn", False) else "")
         + (f" max-tiles={args.max_tiles}" if args.max_tiles is not None else "")
         + (f" max-pixels={args.max_pixels}" if args.max_pixels is not None else "")
     )
