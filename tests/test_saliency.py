@@ -297,10 +297,13 @@ def test_memory_budget_splits_a_batch_then_goes_lean_then_recomputes_layers(tiny
     bb.counters.__init__()
     free = token_saliency_batch(bb, views, q, memory_budget=bb.pass_activation_bytes(len(views) * longest))
     assert (bb.counters.n_backward, bb.counters.memory_limited) == (1, 0)  # exactly fits: one batch
+    assert bb.counters.n_tower == 1
     bb.counters.__init__()
     split = token_saliency_batch(bb, views, q, memory_budget=bb.pass_activation_bytes(longest))
     assert (bb.counters.n_backward, bb.counters.memory_limited) == (3, 1)  # one pass per view, as they are
     assert (bb.counters.lean_passes, bb.counters.recomputed_layers) == (0, 0)
+    # the tower keeps no graph and its memory is not the budget's: still one call for the round
+    assert bb.counters.n_tower == 1
     results = [free, split]
     checkpointed, real = [], torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: checkpointed.append(1) or real(*a, **k))
@@ -313,7 +316,7 @@ def test_memory_budget_splits_a_batch_then_goes_lean_then_recomputes_layers(tiny
         results.append(token_saliency_batch(bb, views, q, memory_budget=budget))
         plans = [bb.memory_plan(n, None, budget) for n in lengths]
         assert plans[lengths.index(longest)] == MemoryPlan(lean=True, recompute=recompute)
-        assert bb.counters.n_backward == 3
+        assert (bb.counters.n_backward, bb.counters.n_tower) == (3, 1)
         assert bb.counters.memory_limited == 1 + sum(p != MemoryPlan() for p in plans)
         assert bb.counters.lean_passes == sum(p.lean for p in plans) >= lengths.count(longest)
         assert bb.counters.recomputed_layers == len(checkpointed) == sum(p.recompute for p in plans)

@@ -124,17 +124,27 @@ def _plan(backbone: Backbone, n_tokens: int, layer, recompute_layers, memory_bud
 
 
 def _ground_encoded(
-    backbone: Backbone, enc, image, objective, layer, recompute_layers, memory_budget, keep_prefix=False, lean=None
+    backbone: Backbone,
+    enc,
+    image,
+    objective,
+    layer,
+    recompute_layers,
+    memory_budget,
+    keep_prefix=False,
+    lean=None,
+    leaves=None,
 ) -> Grounding:
     """The forward and backward of one encoded view, held to ``memory_budget`` by its plan
-    (:func:`_plan`; where nothing fits, the least a pass can hold)."""
+    (:func:`_plan`; where nothing fits, the least a pass can hold). ``leaves``: its visual
+    embeddings where a caller already has them (else the vision tower runs here)."""
     n_tokens = enc["input_ids"].shape[-1]
     plan = _plan(backbone, n_tokens, layer, recompute_layers, memory_budget, lean) or _plan(
         backbone, n_tokens, layer, True, None, lean
     )
     if plan != _plan(backbone, n_tokens, layer, recompute_layers, None, lean):  # changed by the budget
         backbone.counters.memory_limited += 1
-    leaves = backbone.visual_leaves(enc)
+    leaves = backbone.visual_leaves(enc) if leaves is None else leaves
     cache = backbone.new_cache() if keep_prefix and backbone.runs_all_layers(layer) else None
     with torch.enable_grad():
         with phase("forward"):
@@ -209,11 +219,20 @@ def token_saliency_batch(
     if plan is not None and plan.recompute == asked.recompute:
         backbone.counters.memory_limited += plan != asked  # made lean by the budget
         out = _ground_stacked(backbone, encs, images, objective, layer, plan)
-    else:
+    else:  # one pass per view, their images still embedded by one tower call (no graph, small)
         backbone.counters.memory_limited += 1
-        out = [_ground_encoded(backbone, e, im, **kw) for e, im in zip(encs, images)]
+        leaves = _batch_leaves(backbone, encs, len(images))
+        out = [_ground_encoded(backbone, e, im, leaves=[x], **kw) for e, im, x in zip(encs, images, leaves)]
     backbone.counters.time_ground_s += time.perf_counter() - t0
     return out
+
+
+def _batch_leaves(backbone: Backbone, encs, n_views: int) -> list[torch.Tensor]:
+    """The visual leaves of several encoded views from ONE vision-tower call, one per view."""
+    leaves = backbone.visual_leaves(backbone.image_inputs(encs))
+    if len(leaves) != n_views:
+        raise RuntimeError(f"{backbone.family}: {len(leaves)} feature tensors for {n_views} views")
+    return leaves
 
 
 def _ground_stacked(backbone: Backbone, encs, images, objective, layer, plan: MemoryPlan) -> list[Grounding]:
@@ -222,9 +241,7 @@ def _ground_stacked(backbone: Backbone, encs, images, objective, layer, plan: Me
     enc, positions = backbone.stack_lm_inputs(encs)
     if bool((positions == enc["input_ids"].shape[1] - 1).all()):
         positions = None  # equal lengths: read the last position as a one-view pass does, to the bit
-    leaves = backbone.visual_leaves(backbone.image_inputs(encs))
-    if len(leaves) != len(images):
-        raise RuntimeError(f"{backbone.family}: {len(leaves)} feature tensors for {len(images)} views")
+    leaves = _batch_leaves(backbone, encs, len(images))
     with torch.enable_grad():
         with phase("forward"):
             logits = backbone.next_token_logits(
