@@ -2,6 +2,7 @@
 # On a GPU box: check every family, then time the real-size families in bf16.
 #   bash scripts/gpu_bench_all.sh results/bench/$(hostname)_$(date +%F) [extra bench.py args]
 #   FAMILIES="qwen25vl" CHECK=0 bash scripts/gpu_bench_all.sh out/ --n 16 --repeats 2   # one family, no check
+#   ... --sdpa-cudnn   # let SDPA use cuDNN attention (PyTorch's choice on Hopper; the library turns it off)
 # Defaults: 8 samples, each timed once, the speed-up rows that matter at real size, and 2
 # samples per method under torch.profiler (time by phase, host vs kernels; later arguments
 # override them, e.g. --methods vanilla,egg --profile 0). Each family's table goes to
