@@ -324,7 +324,8 @@ def child(args):
             **({"phases": phases} if phases else {}),
             **({"flops": flops} if flops else {}),
             "median_s": statistics.median(times),
-            **({"paired_vanilla_s": statistics.median(plain)} if paired else {}),
+            "times_s": times,  # per sample (the fastest of --repeats), for spreads and later analysis
+            **({"paired_vanilla_s": statistics.median(plain), "paired_times_s": plain} if paired else {}),
             "median_answer_s": statistics.median(answer_s),
             "median_rest_s": statistics.median(t - a for t, a in zip(times, answer_s)),
             **counter_means(counters),
@@ -389,6 +390,16 @@ def flops_table(counted: dict, n: int) -> str:
         ratio = f"{c['all'] / van:.2f}" if van else "-"
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {c['all'] / 1e9:.3g} | {ratio} |")
     return "\n".join(lines)
+
+
+def ratio_spread(result: dict) -> tuple[float, float, float] | None:
+    """First quartile, median and third quartile of a paired method's per-sample time ratios
+    (its run over the plain model's on the same sample); None under 2 samples."""
+    ratios = [t / p for t, p in zip(result["times_s"], result["paired_times_s"]) if p > 0]
+    if len(ratios) < 2:
+        return None
+    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 def header(args) -> str:
@@ -571,6 +582,13 @@ def main() -> None:
             + ", ".join(f"{m} {r['paired_vanilla_s']:.4f} s" for m, r in results.items() if "paired_vanilla_s" in r)
             + "); the vanilla row is its own run"
         )
+        spread = {m: ratio_spread(r) for m, r in results.items() if "paired_times_s" in r}
+        if any(v is not None for v in spread.values()):
+            print(
+                "per sample, EGG / its paired plain run: "
+                + "; ".join(f"{m} median {v[1]:.2f}x, quartiles {v[0]:.2f}-{v[2]:.2f}x" for m, v in spread.items() if v)
+                + " (a ratio of medians above and a median of ratios here differ where samples differ)"
+            )
     for m, r in results.items():
         if r.get("memory_fallbacks"):
             print(

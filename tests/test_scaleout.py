@@ -177,6 +177,9 @@ def test_bench_script_prints_its_table():
     # one batched pass per round: never more backward passes than grounding one view at a time
     assert results["egg"]["backward"] <= results["egg_one_view_per_pass"]["backward"]
     assert results["passes"]["grounding_s"] > 0 and "grounding pass" in out
+    assert len(results["egg"]["times_s"]) == len(results["egg"]["paired_times_s"]) == 2
+    spread = next(x for x in out.splitlines() if x.startswith("per sample, EGG / its paired plain run:"))
+    assert "; egg median" in spread and "quartiles" in spread
     # every pass lean (method.lean_activations=true); the default has no budget on CPU, so none
     lean = results["egg_lean"]
     assert lean["lean_passes"] == lean["backward"] > 0 and results["egg"]["lean_passes"] == 0
@@ -302,3 +305,16 @@ def test_flops_cut_to_a_few_layers_are_scaled_to_the_familys_depth():
     egg_32 = 20 + 1 + (2 + 3 + 5) * 16  # 181
     assert f"| vanilla | 0.0 | 1.0 | 0.0 | 0.0 | 1.0 | 14.0 | 1.00 | {vanilla_32} | 1.00 |" in text
     assert f"| egg | 0.0 | 1.0 | 0.0 | 0.0 | 1.0 | 31.0 | 2.21 | {egg_32} | {egg_32 / vanilla_32:.2f} |" in text
+
+
+def test_bench_gives_the_spread_of_per_sample_ratios():
+    """The paired ratio's quartiles over samples (a median of ratios), so that a ratio near a
+    target can be told apart from the spread; fewer than 2 samples give none."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", Path(__file__).parent.parent / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    spread = bench.ratio_spread({"times_s": [2.0, 12.0, 6.0, 4.0, 2.5], "paired_times_s": [1.0, 2.0, 1.0, 1.0, 0.5]})
+    assert spread == pytest.approx((4.0, 5.0, 6.0))  # ratios 2, 6, 6, 4, 5
+    assert bench.ratio_spread({"times_s": [3.0], "paired_times_s": [1.0]}) is None
