@@ -143,15 +143,14 @@ def plans(args) -> None:
         bb = published(family, None, "meta", args.dtype)
         budget = AUTO_ACTIVATION_FRACTION * bb.weight_bytes
         for what, n in PLAN_TOKENS[family]:
-            without = next(
-                (r for r in range(bb.most_recomputed(None) + 1) if bb.pass_activation_bytes(n, None, r) <= budget), None
+            # layers recomputed without lean (method.lean_activations=false) and with it (auto)
+            without, with_lean = (
+                "-" if p is None else p.recompute
+                for p in (bb.memory_plan(n, None, budget, lean) for lean in (False, None))
             )
-            plan = bb.memory_plan(n, None, budget)
-            with_lean = "-" if plan is None else plan.recompute
             print(
                 f"| {family}, {what} | {n} | {budget / gib:.2f} | {bb.pass_activation_bytes(n) / gib:.2f} "
-                f"| {bb.pass_activation_bytes(n, lean=True) / gib:.2f} "
-                f"| {without if without is not None else '-'} -> {with_lean} of {bb.num_layers} |"
+                f"| {bb.pass_activation_bytes(n, lean=True) / gib:.2f} | {without} -> {with_lean} of {bb.num_layers} |"
             )
 
 

@@ -173,29 +173,21 @@ def load(args):
     from egg_eval.backbones.base import resolve_device_dtype, use_cudnn_attention
     from egg_eval.toy_vlm import CHECKPOINT
 
-    cudnn = getattr(args, "sdpa_cudnn", False)
-    use_cudnn_attention(cudnn)
-
+    kw = dict(dtype=args.dtype, device=args.device, max_new_tokens=4, sdpa_cudnn=getattr(args, "sdpa_cudnn", False))
     if args.backbone == "toy":
-        return load_backbone(
-            "llava15", str(CHECKPOINT), dtype=args.dtype, device=args.device, max_new_tokens=4, sdpa_cudnn=cudnn
-        )
+        return load_backbone("llava15", str(CHECKPOINT), **kw)
     if args.backbone == "tiny":
         import tempfile
 
         from egg_eval.backbones.tiny import save_tiny
 
-        path = save_tiny(args.family, tempfile.mkdtemp())
-        return load_backbone(
-            args.family, str(path), dtype=args.dtype, device=args.device, max_new_tokens=4, sdpa_cudnn=cudnn
-        )
-    if args.backbone == "real":
+        return load_backbone(args.family, str(save_tiny(args.family, tempfile.mkdtemp())), **kw)
+    if args.backbone == "real":  # built here, not loaded: the switch load_backbone sets, set here
+        use_cudnn_attention(kw["sdpa_cudnn"])
         device, dtype = resolve_device_dtype(args.device, args.dtype)
         model, proc = real_size(args.family, args.layers, device, dtype)
         return BACKBONES[args.family](model, proc, name=f"{args.family}_random7b", max_new_tokens=4)
-    return load_backbone(
-        args.family, args.backbone, dtype=args.dtype, device=args.device, max_new_tokens=4, sdpa_cudnn=cudnn
-    )
+    return load_backbone(args.family, args.backbone, **kw)
 
 
 def child(args):

@@ -556,8 +556,12 @@ class Backbone:
         InternVL-3.5 147,752 (147,456) and 96,384 (96,256). On an H100 LLaVA-1.5's grounding
         passes (not lean) held 141-144 KB per token and layer above the model, within this
         estimate's 145 KB."""
+        return self._kept_bytes(self.layers_run(layer), lean)
+
+    def _kept_bytes(self, layers: int, lean: bool) -> int:
+        """Per token: what ``layers`` decoder layers and the pass itself keep, times 1.1."""
         per_layer, once = self._saved_elements(lean)
-        return int(1.1 * (self.layers_run(layer) * per_layer + once) * self.dtype.itemsize)
+        return int(1.1 * (layers * per_layer + once) * self.dtype.itemsize)
 
     def _saved_elements(self, lean: bool) -> tuple[int, int]:
         """Per token, in model-dtype elements: what each decoder layer keeps for the backward
@@ -595,10 +599,8 @@ class Backbone:
         it goes; when it reaches the recomputed layers only their inputs are left, plus the
         one layer being recomputed. So the peak is ``max(n - r, 1 if r else 0)`` layers'
         activations plus ``r`` hidden states, per token, besides what the pass keeps once."""
-        per_layer, once = self._saved_elements(lean)
         held = max(self.layers_run(layer) - recomputed, 1 if recomputed else 0)
-        activations = int(1.1 * (held * per_layer + once) * self.dtype.itemsize)
-        return n_tokens * (activations + recomputed * self.recomputed_bytes_per_token())
+        return n_tokens * (self._kept_bytes(held, lean) + recomputed * self.recomputed_bytes_per_token())
 
     def most_recomputed(self, layer: int | None) -> int:
         """The layers a pass that is to hold the least recomputes: all it runs but the last.
