@@ -61,7 +61,9 @@ def set_deterministic(on: bool) -> None:
     """``deterministic=true``: only deterministic kernels (cuBLAS with a fixed workspace, no
     cuDNN autotuning, PyTorch's deterministic variants), so that two runs on one GPU give
     bit-equal maps and predictions. A kernel with no deterministic variant warns and runs
-    (``warn_only``), and the warning names it. Off by default: it costs speed, and on CPU the
+    (``warn_only``), and the warning names it; the grounding backward runs in the strict mode
+    (:func:`egg_eval.grounding.saliency._gradients`), where the fused attention backwards
+    take their deterministic variants. Off by default: it costs speed, and on CPU the
     kernels are deterministic anyway."""
     import torch
 

@@ -173,6 +173,10 @@ def load(args):
     from egg_eval.backbones.base import resolve_device_dtype, use_cudnn_attention
     from egg_eval.toy_vlm import CHECKPOINT
 
+    if getattr(args, "deterministic", False):  # before the model: cuBLAS reads its workspace setting when it starts
+        from egg_eval.cli import set_deterministic
+
+        set_deterministic(True)
     kw = dict(dtype=args.dtype, device=args.device, max_new_tokens=4, sdpa_cudnn=getattr(args, "sdpa_cudnn", False))
     if args.backbone == "toy":
         return load_backbone("llava15", str(CHECKPOINT), **kw)
@@ -327,6 +331,7 @@ def child(args):
             "device": str(backbone.device),
             "dtype": str(backbone.dtype),
             "sdpa_cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
             "load_s": load_s,
         }
 
@@ -401,6 +406,7 @@ def header(args) -> str:
         f"repeats={args.repeats} device={args.device} dtype={args.dtype} layers={args.layers or 'all'}"
         + (" vision-windows=stock" if args.stock_windows else "")
         + (" sdpa=cudnn-allowed" if getattr(args, "sdpa_cudnn", False) else "")
+        + (" deterministic" if getattr(args, "deterministic", False) else "")
         + (f" max-tiles={args.max_tiles}" if args.max_tiles is not None else "")
         + (f" max-pixels={args.max_pixels}" if args.max_pixels is not None else "")
     )
@@ -496,6 +502,11 @@ def main() -> None:
         action="store_true",
         help="let SDPA use cuDNN attention (PyTorch's own choice on Hopper; backbone.sdpa_cudnn=true); "
         "default: flash / memory-efficient, as the library runs",
+    )
+    ap.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic=true: deterministic kernels, the grounding backward in PyTorch's strict mode",
     )
     ap.add_argument("--max-tiles", type=int, default=None, help="internvl35: backbone.max_tiles (tiles per view)")
     ap.add_argument("--max-pixels", type=int, default=None, help="qwen25vl: backbone.max_pixels (area per view)")

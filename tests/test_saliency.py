@@ -378,3 +378,51 @@ def test_recomputed_layers_keep_a_usable_prefix(tiny_backbones, family):
             got = bb.model(**bb._forward_on_prefix(enc, feats, g.prefix, p), use_cache=True).logits[0]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert all("forward" not in vars(m) for m in bb.decoder_layers)
+
+
+def test_deterministic_mode_runs_the_grounding_backward_strict(tiny_backbones, family, monkeypatch):
+    """Under ``deterministic=true`` (deterministic mode with ``warn_only``) the grounding backward,
+    one view or a batch, runs in PyTorch's strict mode, the only one in which the fused
+    attention backwards take their deterministic variants; warn_only is back after it, also
+    when the backward raises; without deterministic mode nothing changes. A hook on the
+    leaves runs inside the backward and records the mode there."""
+    from egg_eval.cli import set_deterministic
+    from egg_eval.grounding.saliency import token_saliency_batch
+
+    bb = tiny_backbones[family]
+    views = [noise_image(120, 90, seed=1), noise_image(90, 120, seed=2)]
+    seen = []
+    real = bb.visual_leaves
+
+    def leaves(enc):
+        out = real(enc)
+        for x in out:
+            x.register_hook(lambda g: seen.append(_mode()))
+        return out
+
+    monkeypatch.setattr(bb, "visual_leaves", leaves)
+    plain = token_saliency(bb, views[0], Q).scores
+    assert seen and not any(on for on, _ in seen)  # default: deterministic mode off in the backward too
+    try:
+        set_deterministic(True)
+        seen.clear()
+        strict = token_saliency(bb, views[0], Q).scores
+        token_saliency_batch(bb, views, Q)
+        assert seen and seen == [(True, False)] * len(seen)  # every backward ran strict
+        assert _mode() == (True, True)  # and the forward passes warn only
+        np.testing.assert_array_equal(strict, plain)  # CPU kernels: the same map
+        monkeypatch.setattr(torch.autograd, "grad", _raising_backward)
+        with pytest.raises(RuntimeError, match="inside the backward"):
+            token_saliency(bb, views[0], Q)
+        assert _mode() == (True, True)
+    finally:
+        set_deterministic(False)
+
+
+def _mode() -> tuple[bool, bool]:
+    return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+def _raising_backward(*args, **kwargs):
+    assert _mode() == (True, False)
+    raise RuntimeError("inside the backward")

@@ -191,12 +191,15 @@ def test_bench_script_prints_its_table():
     # all methods in one process (the GPU default): the same work per method
     one = bench(
         "vanilla,egg,egg_param_grads,egg_eager,egg_fp32",
-        *("--processes", "one", "--profile", "1", "--flops", "1", "--sdpa-cudnn"),
+        *("--processes", "one", "--profile", "1", "--flops", "1", "--sdpa-cudnn", "--deterministic"),
     )
     shared = json.loads(one.strip().splitlines()[-1])
     # cuDNN attention: off unless --sdpa-cudnn (backbone.sdpa_cudnn=true), in each method's process
     assert shared["egg"]["sdpa_cudnn"] is True and "sdpa=cudnn-allowed" in one.splitlines()[0]
     assert results["egg"]["sdpa_cudnn"] is False and results["vanilla"]["sdpa_cudnn"] is False
+    # deterministic=true: off unless --deterministic, which the header names
+    assert shared["egg"]["deterministic"] is True and " deterministic" in one.splitlines()[0]
+    assert results["egg"]["deterministic"] is False
     # egg_fp32 is skipped on a float32 model; the others run what egg runs, another way
     assert set(shared) == {"vanilla", "egg", "egg_param_grads", "egg_eager", "passes"}
     for m in ("egg_param_grads", "egg_eager"):
@@ -274,9 +277,11 @@ def test_gpu_check_dry_runs_on_the_tiny_models():
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
     cmd = [sys.executable, str(script), "--backbone", "tiny", "--device", "cpu", "--dtype", "float32"]
-    ok = subprocess.run([*cmd, "--tolerance", "1e-4"], capture_output=True, text=True)
+    ok = subprocess.run([*cmd, "--tolerance", "1e-4", "--deterministic"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.count("  OK") == 4 and "answer on the grounding cache" in ok.stdout
+    same = "deterministic=True: max |diff| / max = 0.00e+00, batched views: 0.00e+00"
+    assert ok.stdout.count(same) == 4, ok.stdout
     assert ok.stdout.count("  lean: map max |diff| / max = 0.00e+00") == 4  # the same ops again: bit-equal
     # the check bites: under a tolerance no gap can meet, the family fails and the exit status counts it
     strict = subprocess.run([*cmd, "--families", "llava16", "--tolerance", "-1"], capture_output=True, text=True)
