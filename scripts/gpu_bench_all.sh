@@ -10,6 +10,9 @@
 # prints each method's numbers to stderr as they are taken).
 # UNDONE=1 adds the rows that undo one speed-up each from the fastest configuration
 # (egg_param_grads, egg_no_map_cache, egg_eager, egg_fp32; see egg_eval/undone.py), unprofiled.
+# BUDGETS=1 also times LLaVA-1.6 and InternVL-3.5 at 1024 px (where the default budget makes them
+# recompute layers) with no budget (egg_reused_prefix), the default (egg, 0.4x the weights) and
+# egg under an 8 GB budget (about 0.5x), 8 samples each, to read time against peak memory.
 # WINDOWS=1 also times Qwen2.5-VL at 1024 px with the stock SDPA vision attention (one call per
 # window) and with the grouped one (one per window length), vanilla and EGG, 4 samples each.
 set -u
@@ -31,6 +34,14 @@ for family in ${families//,/ }; do
             "$@" 2>&1 | tee "$out/${family}_undone.txt"
     fi
 done
+if [ "${BUDGETS:-0}" != 0 ]; then
+    for family in llava16 internvl35; do
+        python3 scripts/bench.py --backbone real --family "$family" --device cuda --dtype bfloat16 --threads 8 \
+            --n 8 --repeats 1 --methods vanilla,egg_reused_prefix,egg --image-size 1024 2>&1 | tee "$out/${family}_1024_budgets.txt"
+        python3 scripts/bench.py --backbone real --family "$family" --device cuda --dtype bfloat16 --threads 8 \
+            --n 8 --repeats 1 --methods vanilla,egg --image-size 1024 --activation-memory-gb 8 2>&1 | tee "$out/${family}_1024_budget8.txt"
+    done
+fi
 if [ "${WINDOWS:-0}" != 0 ]; then
     for w in grouped stock; do
         flag=""; [ "$w" = stock ] && flag="--stock-windows"
