@@ -10,6 +10,7 @@
 # prints each method's numbers to stderr as they are taken).
 # UNDONE=1 adds the rows that undo one speed-up each from the fastest configuration
 # (egg_param_grads, egg_no_map_cache, egg_eager, egg_fp32; see egg_eval/undone.py), unprofiled.
+# MAIN=0 skips the per-family runs (with CHECK=0: only the extra runs below).
 # BUDGETS=1 also times LLaVA-1.6 and InternVL-3.5 at 1024 px (where the default budget makes them
 # recompute layers) with no budget (egg_reused_prefix), the default (egg, 0.4x the weights) and
 # egg under an 8 GB budget (about 0.5x), 8 samples each, to read time against peak memory.
@@ -25,6 +26,7 @@ if [ "${CHECK:-1}" != 0 ]; then
     python3 scripts/gpu_check.py --families "$families" 2>&1 | tee "$out/gpu_check.txt"
 fi
 for family in ${families//,/ }; do
+    [ "${MAIN:-1}" = 0 ] && break  # MAIN=0: only the extra runs asked for below
     python3 scripts/bench.py --backbone real --family "$family" --device cuda --dtype bfloat16 \
         --threads 8 --n 8 --repeats 1 --methods vanilla,egg_reused_features,egg_reused_prefix,egg_lean,egg,egg_no_lean --profile 2 \
         "$@" 2>&1 | tee "$out/$family.txt"
