@@ -38,6 +38,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def rel_gap(a, ref) -> float:
+    """max |a - ref| / max |ref|: how far ``a`` (a map or logits, numpy or torch) is from ``ref``."""
+    import numpy as np
+    import torch
+
+    a, ref = (x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in (a, ref))
+    return float(np.abs(a - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
 def check(
     family: str, layers: int, device: str, dtype: str, backbone: str = "real", tolerance=None, deterministic=False
 ) -> float:
@@ -65,15 +74,15 @@ def check(
         one = token_saliency(bb, v, q)
         assert g.scores.shape == one.scores.shape, (g.scores.shape, one.scores.shape)
         assert np.isfinite(g.scores).all()
-        worst = max(worst, float(np.abs(g.scores - one.scores).max() / max(one.scores.max(), 1e-30)))
+        worst = max(worst, rel_gap(g.scores, one.scores))
     print(f"  views {[g.scores.shape[0] for g in batched]} tokens: batched vs one pass, max |diff| / max = {worst:.2e}")
     gaps["batched vs one pass"] = worst
     for det in (False, True):  # run to run: are identical grounding passes bit-equal (deterministic=...)?
         set_deterministic(det)
         runs = [token_saliency(bb, img, q).scores for _ in range(3)]
         runs_b = [np.concatenate([g.scores for g in token_saliency_batch(bb, views, q)]) for _ in range(3)]
-        gap = max(float(np.abs(a - runs[0]).max() / max(runs[0].max(), 1e-30)) for a in runs[1:])
-        gap_b = max(float(np.abs(a - runs_b[0]).max() / max(runs_b[0].max(), 1e-30)) for a in runs_b[1:])
+        gap = max(rel_gap(a, runs[0]) for a in runs[1:])
+        gap_b = max(rel_gap(a, runs_b[0]) for a in runs_b[1:])
         print(
             f"  the same grounding pass 3 times, deterministic={det}: max |diff| / max = {gap:.2e}, "
             f"batched views: {gap_b:.2e}"
@@ -90,7 +99,7 @@ def check(
         full = bb.model(**bb.inputs_with_features(enc, feats), use_cache=False, logits_to_keep=1).logits[0, -1]
         kw = bb._forward_on_prefix(enc, feats, g.prefix, p)
         cont = bb.model(**kw, use_cache=True, logits_to_keep=1).logits[0, -1]
-    gap = float((full.float() - cont.float()).abs().max() / full.float().abs().max())
+    gap = rel_gap(cont, full)
     print(
         f"  answer on the grounding cache: {p} of {enc['input_ids'].shape[1]} tokens cached, "
         f"last logits |diff| / max = {gap:.2e}"
@@ -114,11 +123,11 @@ def check(
             held[name] = (torch.cuda.max_memory_allocated() - before) / n_tokens
         if not lean:
             continue
-        map_gap = float(np.abs(h.scores - g.scores).max() / max(g.scores.max(), 1e-30))
+        map_gap = rel_gap(h.scores, g.scores)
         with torch.no_grad():
             kw = bb._forward_on_prefix(enc, feats, h.prefix, p)
             cont = bb.model(**kw, use_cache=True, logits_to_keep=1).logits
-        gap_r = float((full.float() - cont[0, -1].float()).abs().max() / full.float().abs().max())
+        gap_r = rel_gap(cont[0, -1], full)
         print(
             f"  {name}: map max |diff| / max = {map_gap:.2e}, "
             f"answer on its cache: last logits |diff| / max = {gap_r:.2e}"

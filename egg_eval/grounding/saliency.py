@@ -169,7 +169,8 @@ def _gradients(value: torch.Tensor, leaves: list[torch.Tensor]) -> tuple[torch.T
     memory-efficient) take their deterministic variants, where otherwise they add into dQ
     with atomics and two identical passes differ in the last bits (4.6e-3 of the map's
     maximum on LLaVA-1.6 on an H200). Strict mode raises on an op with no deterministic
-    variant, which fails that sample with the op's name; the forward passes keep ``warn_only``."""
+    variant, which fails that sample with the op's name; the forward passes keep ``warn_only``
+    (layers recomputed in the backward run strict with it: on the GPU none raised)."""
     if not (torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()):
         return torch.autograd.grad(value, leaves)
     torch.use_deterministic_algorithms(True, warn_only=False)
