@@ -14,6 +14,8 @@
 # BUDGETS=1 also times LLaVA-1.6 and InternVL-3.5 at 1024 px (where the default budget makes them
 # recompute layers) with no budget (egg_reused_prefix), the default (egg, 0.4x the weights) and
 # egg under an 8 GB budget (about 0.5x), 8 samples each, to read time against peak memory.
+# WHOLE=1 also runs gpu_check at the families' full depth with --whole-runs 8: full EGG on 8
+# samples twice in a row, with and without deterministic=true (answers, crops and maps compared).
 # WINDOWS=1 also times Qwen2.5-VL at 1024 px with the stock SDPA vision attention (one call per
 # window) and with the grouped one (one per window length), vanilla and EGG, 4 samples each.
 set -u
@@ -43,6 +45,10 @@ if [ "${BUDGETS:-0}" != 0 ]; then
         python3 scripts/bench.py --backbone real --family "$family" --device cuda --dtype bfloat16 --threads 8 \
             --n 8 --repeats 1 --methods vanilla,egg --image-size 1024 --activation-memory-gb 8 2>&1 | tee "$out/${family}_1024_budget8.txt"
     done
+fi
+if [ "${WHOLE:-0}" != 0 ]; then
+    python3 scripts/gpu_check.py --families "$families" --layers 0 --deterministic --whole-runs 8 2>&1 \
+        | tee "$out/gpu_check_whole_runs.txt"
 fi
 if [ "${WINDOWS:-0}" != 0 ]; then
     for w in grouped stock; do

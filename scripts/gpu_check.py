@@ -20,7 +20,11 @@ For each family it builds the published 7B/8B architecture with random weights (
   (the activation budget's plans), prints how far its map and the answer on its kept cache
   are from the plain pass's, and on a GPU each pass's peak memory per token above the model
   beside the estimate that the budget plans with (:meth:`Backbone.pass_activation_bytes`);
-* runs the plain model and full iterative EGG on one sample.
+* runs the plain model and full iterative EGG on one sample;
+* with ``--whole-runs N``: full iterative EGG (grounding rounds and answer) on N samples, twice
+  in a row, by default and with ``deterministic=true``, and prints on how many samples the
+  answers and the crops differ and how far the maps are apart (``--layers 0``: the family's
+  full depth). Under ``deterministic=true`` any difference fails the family.
 
 A family that fails prints its traceback and the script goes on with the next one; the
 exit status is the number of families that failed. The CPU tests cover the same paths on
@@ -47,8 +51,46 @@ def rel_gap(a, ref) -> float:
     return float(np.abs(a - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
+def repeat_runs(bb, n: int, deterministic: bool) -> tuple[int, int, float]:
+    """Full EGG on ``n`` detail samples twice in a row under ``deterministic``: on how many
+    samples the answers differ, on how many the crops (any round's kept boxes, or the final
+    views), and the largest gap between the maps of the samples whose crops agree."""
+    from egg_eval.cli import set_deterministic
+    from egg_eval.data.benchmarks import OPEN_SUFFIX
+    from egg_eval.data.detail import rows
+    from egg_eval.grounding.refine import EggConfig, run_egg
+
+    set_deterministic(deterministic)
+    samples = [(r["image"], f"{r['question']}\n{OPEN_SUFFIX}") for r in rows(n, seed=2001)]
+    first, second = ([run_egg(bb, img, q, EggConfig()) for img, q in samples] for _ in range(2))
+
+    def crops(trace):
+        return [[s.box for s in r.selected] for r in trace.rounds], trace.final_views
+
+    answers = sum(a != b for (a, _), (b, _) in zip(first, second))
+    paths = sum(crops(t) != crops(u) for (_, t), (_, u) in zip(first, second))
+    gap = max(
+        (
+            rel_gap(m, ref)
+            for (_, t), (_, u) in zip(first, second)
+            if crops(t) == crops(u)
+            for r, s in zip(t.rounds, u.rounds)
+            for (m, _), (ref, _) in zip(s.maps, r.maps)
+        ),
+        default=0.0,
+    )
+    return answers, paths, gap
+
+
 def check(
-    family: str, layers: int, device: str, dtype: str, backbone: str = "real", tolerance=None, deterministic=False
+    family: str,
+    layers: int,
+    device: str,
+    dtype: str,
+    backbone: str = "real",
+    tolerance=None,
+    deterministic=False,
+    whole_runs: int = 0,
 ) -> float:
     import numpy as np
     import torch
@@ -141,6 +183,16 @@ def check(
     out, trace = run_egg(bb, img, q, EggConfig())
     c = trace.counters
     print(f"  vanilla -> {ans!r}; egg -> {out!r}: {c.n_forward} forward, {c.n_backward} backward")
+    unequal = []
+    for det in (False, True) if whole_runs else ():
+        t1 = time.perf_counter()
+        answers, paths, gap = repeat_runs(bb, whole_runs, det)
+        print(
+            f"  whole EGG runs twice on {whole_runs} samples, deterministic={det}: answers differ on {answers}, "
+            f"crops on {paths}, maps max |diff| / max = {gap:.2e} ({time.perf_counter() - t1:.0f} s)"
+        )
+        if det and (answers or paths or gap):
+            unequal.append(f"{answers} answers, {paths} crops, maps {gap:.2e}")
     set_deterministic(False)
     if bb.device.type == "cuda":
         print(f"  peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
@@ -149,13 +201,15 @@ def check(
     over = {k: v for k, v in gaps.items() if tolerance is not None and not v <= tolerance}
     if over:
         raise AssertionError(f"above --tolerance {tolerance}: {over}")
+    if unequal:
+        raise AssertionError(f"two whole runs under deterministic=true differ: {unequal[0]}")
     return worst
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", default="llava15,llava16,qwen25vl,internvl35")
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers; 0: the family's full depth")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument(
@@ -168,6 +222,13 @@ def main() -> int:
         "the peaks per token then include the deterministic attention backward's buffers)",
     )
     ap.add_argument(
+        "--whole-runs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run full EGG on N samples twice, with and without deterministic=true, and compare",
+    )
+    ap.add_argument(
         "--tolerance", type=float, default=None, help="fail a family whose exact-by-construction gaps exceed this"
     )
     args = ap.parse_args()
@@ -175,7 +236,16 @@ def main() -> int:
     for family in args.families.split(","):
         print(f"{family}:", flush=True)
         try:
-            check(family, args.layers, args.device, args.dtype, args.backbone, args.tolerance, args.deterministic)
+            check(
+                family,
+                args.layers,
+                args.device,
+                args.dtype,
+                args.backbone,
+                args.tolerance,
+                args.deterministic,
+                args.whole_runs,
+            )
             print("  OK", flush=True)
         except Exception:
             failed += 1

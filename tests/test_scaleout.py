@@ -277,15 +277,57 @@ def test_gpu_check_dry_runs_on_the_tiny_models():
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
     cmd = [sys.executable, str(script), "--backbone", "tiny", "--device", "cpu", "--dtype", "float32"]
-    ok = subprocess.run([*cmd, "--tolerance", "1e-4", "--deterministic"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [*cmd, "--tolerance", "1e-4", "--deterministic", "--whole-runs", "2"], capture_output=True, text=True
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.count("  OK") == 4 and "answer on the grounding cache" in ok.stdout
     same = "deterministic=True: max |diff| / max = 0.00e+00, batched views: 0.00e+00"
     assert ok.stdout.count(same) == 4, ok.stdout
+    whole = "answers differ on 0, crops on 0, maps max |diff| / max = 0.00e+00"
+    assert ok.stdout.count("whole EGG runs twice on 2 samples, deterministic=True: " + whole) == 4, ok.stdout
+    assert ok.stdout.count("whole EGG runs twice on 2 samples, deterministic=False: " + whole) == 4  # a CPU is
     assert ok.stdout.count("  lean: map max |diff| / max = 0.00e+00") == 4  # the same ops again: bit-equal
     # the check bites: under a tolerance no gap can meet, the family fails and the exit status counts it
     strict = subprocess.run([*cmd, "--families", "llava16", "--tolerance", "-1"], capture_output=True, text=True)
     assert strict.returncode == 1 and "above --tolerance -1.0" in strict.stderr and "FAILED" in strict.stdout
+
+
+def test_gpu_check_whole_runs_see_maps_that_differ_between_runs(monkeypatch):
+    """``gpu_check --whole-runs`` compares two whole EGG runs: gradients that drift from one
+    pass to the next (as atomics in a GPU backward can) show as a map gap, and a drift large
+    enough to move a crop as crops that differ; the same passes again show nothing."""
+    import argparse
+
+    import torch
+
+    from egg_eval.grounding import saliency
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    from bench import load
+    from gpu_check import repeat_runs
+
+    bb = load(argparse.Namespace(backbone="tiny", family="qwen25vl", layers=None, device="cpu", dtype="float32"))
+    assert repeat_runs(bb, 2, False) == (0, 0, 0.0)
+    calls, exact = [0], saliency._gradients
+
+    def drifting(scale):
+        def gradients(value, leaves):
+            calls[0] += 1
+            return tuple(g * (1 + scale * calls[0]) for g in exact(value, leaves))
+
+        return gradients
+
+    monkeypatch.setattr(saliency, "_gradients", drifting(1e-3))  # a uniform scale: same crops, other values
+    answers, paths, gap = repeat_runs(bb, 2, False)
+    assert (answers, paths) == (0, 0) and 1e-4 < gap < 1e-1
+    rng = np.random.default_rng(0)
+
+    def noisy(value, leaves):  # per token: moves the elbow and the components
+        return tuple(g * torch.from_numpy(rng.random((*g.shape[:-1], 1))).to(g.dtype) for g in exact(value, leaves))
+
+    monkeypatch.setattr(saliency, "_gradients", noisy)
+    assert repeat_runs(bb, 2, False)[1] > 0
 
 
 def test_flops_cut_to_a_few_layers_are_scaled_to_the_familys_depth():
