@@ -165,3 +165,38 @@ def test_torch_pixel_arithmetic_gives_the_stock_processors_exact_pixels(tiny_bac
     assert processors._normalize(x, 0.5, 0.5).dtype == np.float64
     with pytest.raises(ValueError, match="mean must have 3"):
         processors._normalize(x, [0.1, 0.2], std)
+
+
+@pytest.mark.parametrize("family", ["llava16", "internvl35"])
+def test_global_tokens_fold_into_the_grid_by_overlap_area(family):
+    """The base view / thumbnail folded into the grid: every global token's score spread over
+    the cells it overlaps in proportion to the area, its mass kept. The lattice fold (two small
+    products) equals the fold over every token-cell pair, and a layout whose global boxes are
+    no lattice takes the pairwise fold."""
+    from egg_eval.backbones.base import TokenLayout
+
+    model, proc = tiny_model_and_processor(family)
+    bb = BACKBONES[family](model, proc)
+    rng = np.random.default_rng(0)
+    for w, h in [*SIZES, (90, 200), (640, 480)]:
+        img = noise_image(w, h)
+        layout = bb.token_layout(bb.encode([img], "q"), 0, img.size)
+        assert layout.global_index.size
+        scores = rng.random(layout.n_tokens)
+        g = scores[layout.global_index]
+        lattice, pairs = layout._fold_lattice(g), layout._fold_pairs(g)
+        assert lattice is not None
+        np.testing.assert_allclose(lattice, pairs, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(layout.to_map(scores), scores[layout.grid] + pairs, rtol=1e-12)
+        assert lattice.sum() == pytest.approx(g.sum(), rel=1e-12)  # these views' grids cover every global token
+    # by hand: one global token over two of four cells, 3:1 by area; its score 8 -> 6 and 2
+    grid_boxes = np.array([[[0, 0, 3, 1], [3, 0, 4, 1]], [[0, 1, 3, 2], [3, 1, 4, 2]]], dtype=float)
+    one = TokenLayout(np.arange(4).reshape(2, 2), grid_boxes, np.array([4]), np.array([[0, 0, 4, 1.0]]), 5)
+    np.testing.assert_array_equal(one.to_map(np.array([0, 0, 0, 0, 8.0])), [[6, 2], [0, 0]])
+    # two global boxes in one row but of other heights: no lattice, the pairwise fold decides
+    odd = TokenLayout(
+        np.arange(4).reshape(2, 2), grid_boxes, np.array([4, 5]), np.array([[0, 0, 2, 2], [2, 0, 4, 1.0]]), 6
+    )
+    assert odd._fold_lattice(np.ones(2)) is None
+    # the 2x2 one halves over cells (0, 0) and (1, 0), the 2x1 one over (0, 0) and (0, 1)
+    np.testing.assert_array_equal(odd.to_map(np.array([0, 0, 0, 0, 4.0, 4.0])), [[4, 2], [2, 0]])
