@@ -215,7 +215,7 @@ class TokenLayout:
         """:meth:`_fold_pairs` where the global tokens and the grid cells each form a lattice
         (a box's x-extent set by its column, its y-extent by its row), as every adapter's do:
         an overlap area is then an x-overlap times a y-overlap, and the fold is two small
-        matrix products, ``Wy.T @ S @ Wx`` (LLaVA-1.6 at 1024 px: 0.3 ms instead of 14).
+        matrix products, ``Wy.T @ S @ Wx`` (LLaVA-1.6 at 1024 px: 0.6 ms instead of 11.6 per view).
         ``None`` where the boxes are not such a lattice."""
         g, cells = self.global_boxes, self.grid_boxes
         xs, col = np.unique(g[:, [0, 2]], axis=0, return_inverse=True)
