@@ -57,6 +57,13 @@ NOT_IN_RESULT = (
 )
 
 
+def fix_cublas_workspace() -> None:
+    """cuBLAS's fixed workspace, which its deterministic GEMMs need (unless the environment sets
+    one). cuBLAS reads it when it starts: call this before any GPU work that may later run
+    under ``deterministic=true``."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 def set_deterministic(on: bool) -> None:
     """``deterministic=true``: only deterministic kernels (cuBLAS with a fixed workspace, no
     cuDNN autotuning, PyTorch's deterministic variants), so that two runs on one GPU give
@@ -68,7 +75,7 @@ def set_deterministic(on: bool) -> None:
     import torch
 
     if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: set before any GPU work
+        fix_cublas_workspace()
     torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.benchmark = False if on else torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic = on

@@ -34,7 +34,6 @@ the tiny models; this script exists because CI has no GPU.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import traceback
@@ -184,7 +183,7 @@ def check(
     out, trace = run_egg(bb, img, q, EggConfig())
     c = trace.counters
     print(f"  vanilla -> {ans!r}; egg -> {out!r}: {c.n_forward} forward, {c.n_backward} backward")
-    unequal = []
+    unequal = None  # what differed between two whole runs under deterministic=true
     for det in (False, True) if whole_runs else ():
         t1 = time.perf_counter()
         answers, paths, gap = repeat_runs(bb, whole_runs, det)
@@ -193,7 +192,7 @@ def check(
             f"crops on {paths}, maps max |diff| / max = {gap:.2e} ({time.perf_counter() - t1:.0f} s)"
         )
         if det and (answers or paths or gap):
-            unequal.append(f"{answers} answers, {paths} crops, maps {gap:.2e}")
+            unequal = f"{answers} answers, {paths} crops, maps {gap:.2e}"
     set_deterministic(False)
     if bb.device.type == "cuda":
         print(f"  peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
@@ -203,7 +202,7 @@ def check(
     if over:
         raise AssertionError(f"above --tolerance {tolerance}: {over}")
     if unequal:
-        raise AssertionError(f"two whole runs under deterministic=true differ: {unequal[0]}")
+        raise AssertionError(f"two whole runs under deterministic=true differ: {unequal}")
     return worst
 
 
@@ -233,9 +232,9 @@ def main() -> int:
         "--tolerance", type=float, default=None, help="fail a family whose exact-by-construction gaps exceed this"
     )
     args = ap.parse_args()
-    # every family's checks switch deterministic=true on after GPU work has begun, and cuBLAS
-    # reads its workspace setting when it starts (what egg_eval.cli.set_deterministic sets)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    from egg_eval.cli import fix_cublas_workspace
+
+    fix_cublas_workspace()  # every family's checks switch deterministic=true on after GPU work has begun
     failed = 0
     for family in args.families.split(","):
         print(f"{family}:", flush=True)

@@ -221,7 +221,7 @@ class TokenLayout:
         xs, col = np.unique(g[:, [0, 2]], axis=0, return_inverse=True)
         ys, row = np.unique(g[:, [1, 3]], axis=0, return_inverse=True)
         col, row = col.reshape(-1), row.reshape(-1)
-        if len(set(zip(row.tolist(), col.tolist()))) != g.shape[0] or xs.shape[0] * ys.shape[0] != g.shape[0]:
+        if xs.shape[0] * ys.shape[0] != g.shape[0] or np.unique(row * xs.shape[0] + col).size != g.shape[0]:
             return None
         cx, cy = cells[0, :, [0, 2]].T, cells[:, 0, [1, 3]]  # per column (C, 2), per row (R, 2)
         if not ((cells[..., [0, 2]] == cx).all() and (cells[..., [1, 3]] == cy[:, None]).all()):
