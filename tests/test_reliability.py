@@ -295,7 +295,14 @@ def test_grounding_out_of_memory_is_redone_with_less_memory_and_gives_the_same_r
         expected_fallbacks, expected_backward = 4, 3  # whole image; the batch split; each crop redone
     text2, trace2 = run_egg(bb, row["image"], row["question"], cfg)
     assert text2 == text
-    assert [r.to_dict()["regions"] for r in trace2.rounds] == [r.to_dict()["regions"] for r in trace.rounds]
+    # the same regions; their scores equal up to float rounding: the batch and one view at a
+    # time run the same kernels on other shapes (torch 2.13's CPU kernels happen to give the
+    # same bits, 2.14's differ by about 1e-8)
+    regions, regions2 = ([r.to_dict()["regions"] for r in t.rounds] for t in (trace, trace2))
+    shape = lambda rounds: [[(g["view"], g["box"], g["n_tokens"]) for g in r] for r in rounds]  # noqa: E731
+    assert shape(regions2) == shape(regions)
+    scores = lambda rounds: [g["score"] for r in rounds for g in r]  # noqa: E731
+    assert scores(regions2) == pytest.approx(scores(regions), rel=1e-5, abs=1e-7)
     assert trace2.final_views == trace.final_views
     assert trace2.counters.memory_fallbacks == expected_fallbacks
     assert trace2.counters.n_backward == expected_backward
