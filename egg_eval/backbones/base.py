@@ -505,6 +505,17 @@ class Backbone:
         """Projected visual embeddings per image, via the model's own ``get_image_features``."""
         raise NotImplementedError
 
+    def _pooled_features(self, **inputs) -> torch.Tensor:
+        """``get_image_features(**inputs)``'s projected embeddings, the vision feature layer and
+        selection strategy taken from the model's config (LLaVA-1.5, LLaVA-1.6, InternVL)."""
+        cfg = self.model.config
+        return self.model.model.get_image_features(
+            **inputs,
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            return_dict=True,
+        ).pooler_output
+
     def image_inputs(self, encs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """What ``_image_features`` reads of several encodings, joined so that ONE vision-tower
         call embeds all their images, in order (one entry per image in its result). The

@@ -64,14 +64,8 @@ class InternVL(Backbone):
         return {k: v for k, v in enc.items() if k != "_sizes"}
 
     def _image_features(self, enc):
-        cfg = self.model.config
-        out = self.model.model.get_image_features(
-            pixel_values=enc["pixel_values"],
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            return_dict=True,
-        )
-        return list(torch.split(out.pooler_output, self._image_stub(enc["_sizes"])["num_patches"]))
+        tiles = self._pooled_features(pixel_values=enc["pixel_values"])  # (tiles of all images, 256, D)
+        return list(torch.split(tiles, self._image_stub(enc["_sizes"])["num_patches"]))
 
     def _pack_leaves(self, leaves):
         return torch.cat(leaves, dim=0)

@@ -45,14 +45,7 @@ class Llava(Backbone):
     batch_grounding = True
 
     def _image_features(self, enc):
-        cfg = self.model.config
-        out = self.model.model.get_image_features(
-            pixel_values=enc["pixel_values"],
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            return_dict=True,
-        )
-        return list(out.pooler_output)
+        return list(self._pooled_features(pixel_values=enc["pixel_values"]))
 
     def _image_stub(self, sizes):
         """``LlavaProcessor`` counts tokens from the processed pixels' height and width."""

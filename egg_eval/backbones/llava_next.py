@@ -41,15 +41,7 @@ class LlavaNext(Backbone):
         return {"pixel_values": torch.cat(padded), "image_sizes": torch.cat([e["image_sizes"] for e in encs])}
 
     def _image_features(self, enc):
-        cfg = self.model.config
-        out = self.model.model.get_image_features(
-            pixel_values=enc["pixel_values"],
-            image_sizes=enc["image_sizes"],
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            return_dict=True,
-        )
-        return list(out.pooler_output)
+        return list(self._pooled_features(pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"]))
 
     def _tile(self) -> tuple[int, int]:
         """(side, tile): the base view's resize side and the processed tile's side in px."""
