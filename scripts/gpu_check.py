@@ -244,10 +244,10 @@ def main() -> int:
                 args.layers,
                 args.device,
                 args.dtype,
-                args.backbone,
-                args.tolerance,
-                args.deterministic,
-                args.whole_runs,
+                backbone=args.backbone,
+                tolerance=args.tolerance,
+                deterministic=args.deterministic,
+                whole_runs=args.whole_runs,
             )
             print("  OK", flush=True)
         except Exception:
