@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import io
 import json
 import math
@@ -345,20 +346,23 @@ def _run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list
                 continue
             sample.load()  # the image is decoded only now, for a sample that runs (not timed: time_s is the method's)
             t0 = time.perf_counter()
-            prediction, trace, error, fatal = None, None, sample.error, False
+            prediction, trace, error, fatal, out_of_memory = None, None, sample.error, False, False
             if error is None:
                 try:
                     prediction, trace = method(sample.image, prompt_for(sample, info.spec.kind))
                     streak.clear()
                 except torch.OutOfMemoryError as e:  # recorded; the run goes on
-                    error = f"OutOfMemoryError: {str(e)[:200]}"
+                    error, out_of_memory = f"OutOfMemoryError: {str(e)[:200]}", True
                     streak.append(error)
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
                 except Exception as e:
                     error = f"{type(e).__name__}: {e}"
                     streak.append(error)
                     fatal = _device_broken(e)
+                if out_of_memory and torch.cuda.is_available():
+                    # out of the except block, the traceback no longer holds the failed
+                    # sample's tensors: hand their memory back before the next sample
+                    gc.collect()
+                    torch.cuda.empty_cache()
             rec = make_record(sample, prediction, trace, error, info.spec, time.perf_counter() - t0)
             if info.pictures and trace is not None and trace.rounds:
                 _picture(out, sample, trace, info.pictures, loggers)
