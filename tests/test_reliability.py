@@ -322,6 +322,49 @@ def test_grounding_that_never_fits_reaches_the_runner_as_out_of_memory(monkeypat
     assert bb.counters.memory_fallbacks == 1  # tried once more, with layers recomputed
 
 
+@pytest.mark.parametrize("checkpoint_layers", [False, True])
+def test_a_grounding_pass_that_fails_hands_its_memory_back(monkeypatch, checkpoint_layers):
+    """The whole image's grounding pass keeps its KV cache for the answer; where it runs out of
+    memory midway (as it is and then recomputed, or recomputed from the start), nothing of it
+    may stay alive. In the recomputed layers the checkpoint's saved inputs hold the cache and
+    the cache's keys hold the graph, a cycle gc cannot see: on an H200, InternVL-3.5 kept
+    1.05 GiB after such a sample, and the next sample, which fit before, ran out of memory."""
+    import gc
+    import weakref
+
+    from egg_eval.backbones import load_backbone
+    from egg_eval.data.detail import rows
+    from egg_eval.grounding.refine import run_egg
+    from egg_eval.toy_vlm import CHECKPOINT
+
+    bb = load_backbone("llava15", str(CHECKPOINT), device="cpu", max_new_tokens=4)
+    row = next(rows(1, seed=7))
+    before = run_egg(bb, row["image"], row["question"], EggConfig())
+    caches, new_cache = [], bb.new_cache
+
+    def tracked_cache():
+        cache = new_cache()
+        caches.append(weakref.ref(cache))
+        return cache
+
+    monkeypatch.setattr(bb, "new_cache", tracked_cache)
+
+    def out_of_memory(_module, _args):  # in the grounding forward, after the other layers ran
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    hook = bb.decoder_layers[-1].register_forward_pre_hook(out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_egg(bb, row["image"], row["question"], EggConfig(checkpoint_layers=checkpoint_layers))
+    hook.remove()
+    gc.collect()
+    assert len(caches) == (1 if checkpoint_layers else 2)  # as it is, then once more recomputed
+    assert all(ref() is None for ref in caches)
+    text, trace = run_egg(bb, row["image"], row["question"], EggConfig())  # and the backbone works as before
+    assert text == before[0] and trace.final_views == before[1].final_views
+    assert trace.counters.memory_fallbacks == 0
+
+
 def _cli(tmp_path: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable,

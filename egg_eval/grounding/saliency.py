@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from egg_eval.backbones.base import Backbone, MemoryPlan, Prefix, TokenLayout, in_phase, phase
+from egg_eval.backbones.base import Backbone, MemoryPlan, Prefix, TokenLayout, detach_cache, in_phase, phase
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -146,13 +146,18 @@ def _ground_encoded(
         backbone.counters.memory_limited += 1
     leaves = backbone.visual_leaves(enc) if leaves is None else leaves
     cache = backbone.new_cache() if keep_prefix and backbone.runs_all_layers(layer) else None
-    with torch.enable_grad():
-        with phase("forward"):
-            logits = backbone.next_token_logits(
-                enc, leaves, layer=layer, recompute_layers=plan.recompute, cache=cache, lean=plan.lean
-            )
-            value = OBJECTIVES[objective](logits)
-        grads = _gradients(value, leaves)
+    try:
+        with torch.enable_grad():
+            with phase("forward"):
+                logits = backbone.next_token_logits(
+                    enc, leaves, layer=layer, recompute_layers=plan.recompute, cache=cache, lean=plan.lean
+                )
+                value = OBJECTIVES[objective](logits)
+            grads = _gradients(value, leaves)
+    except BaseException:  # out of memory, say: hand the pass's memory back (see detach_cache)
+        if cache is not None:
+            detach_cache(cache)
+        raise
     backbone.counters.n_backward += 1
     out = _grounding(backbone, enc, image, grads, value, logits, leaves)
     if cache is not None:
