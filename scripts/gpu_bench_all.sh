@@ -16,6 +16,8 @@
 # egg under an 8 GB budget (about 0.5x), 8 samples each, to read time against peak memory.
 # WHOLE=1 also runs gpu_check at the families' full depth with --whole-runs 8: full EGG on 8
 # samples twice in a row, with and without deterministic=true (answers, crops and maps compared).
+# OOM=1 also runs scripts/oom_check.py: real out-of-memory under a cap, the grounding's fallback
+# and the runner's per-sample record (needs editdistance, as the runner does).
 # WINDOWS=1 also times Qwen2.5-VL at 1024 px with the stock SDPA vision attention (one call per
 # window) and with the grouped one (one per window length), vanilla and EGG, 4 samples each.
 set -u
@@ -49,6 +51,9 @@ fi
 if [ "${WHOLE:-0}" != 0 ]; then
     python3 scripts/gpu_check.py --families "$families" --layers 0 --deterministic --whole-runs 8 2>&1 \
         | tee "$out/gpu_check_whole_runs.txt"
+fi
+if [ "${OOM:-0}" != 0 ]; then
+    python3 scripts/oom_check.py --families "$families" 2>&1 | tee "$out/oom_check.txt"
 fi
 if [ "${WINDOWS:-0}" != 0 ]; then
     for w in grouped stock; do

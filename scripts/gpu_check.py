@@ -51,6 +51,11 @@ def rel_gap(a, ref) -> float:
     return float(np.abs(a - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
+def crops(trace):
+    """What a run chose: each round's kept boxes, and the views the answer read."""
+    return [[s.box for s in r.selected] for r in trace.rounds], trace.final_views
+
+
 def repeat_runs(bb, n: int, deterministic: bool) -> tuple[int, int, float]:
     """Full EGG on ``n`` detail samples twice in a row under ``deterministic``: on how many
     samples the answers differ, on how many the crops (any round's kept boxes, or the final
@@ -63,9 +68,6 @@ def repeat_runs(bb, n: int, deterministic: bool) -> tuple[int, int, float]:
     set_deterministic(deterministic)
     samples = [(r["image"], f"{r['question']}\n{OPEN_SUFFIX}") for r in rows(n, seed=2001)]
     first, second = ([run_egg(bb, img, q, EggConfig()) for img, q in samples] for _ in range(2))
-
-    def crops(trace):
-        return [[s.box for s in r.selected] for r in trace.rounds], trace.final_views
 
     answers = sum(a != b for (a, _), (b, _) in zip(first, second))
     paths = sum(crops(t) != crops(u) for (_, t), (_, u) in zip(first, second))

@@ -293,6 +293,22 @@ def test_gpu_check_dry_runs_on_the_tiny_models():
     assert strict.returncode == 1 and "above --tolerance -1.0" in strict.stderr and "FAILED" in strict.stdout
 
 
+def test_oom_check_dry_runs_on_the_tiny_models():
+    """scripts/oom_check.py makes CUDA run out of memory for real on a GPU lease; on CPU there
+    is no cap to set, and its dry run keeps the rest working between leases: every run
+    uncapped succeeds, the recomputed runs agree with the ones as they are, and the runner's
+    records match the direct runs."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "oom_check.py"
+    cmd = [sys.executable, str(script), "--backbone", "tiny", "--device", "cpu", "--dtype", "float32"]
+    ok = subprocess.run([*cmd, "--families", "qwen25vl"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "crops and answer as uncapped: True" in ok.stdout and "  OK" in ok.stdout
+    assert "small 'ok', large 'ok', small again 'ok'; 0 failure(s)" in ok.stdout
+
+
 def test_gpu_check_whole_runs_see_maps_that_differ_between_runs(monkeypatch):
     """``gpu_check --whole-runs`` compares two whole EGG runs: gradients that drift from one
     pass to the next (as atomics in a GPU backward can) show as a map gap, and a drift large

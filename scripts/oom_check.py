@@ -1,0 +1,222 @@
+"""Real out-of-memory on a GPU: the grounding's fallback and the runner's per-sample record.
+
+    python scripts/oom_check.py                        # Qwen2.5-VL and LLaVA-1.6, published 7B architectures, cuda bf16
+    python scripts/oom_check.py --families llava16 --large 1024
+    python scripts/oom_check.py --backbone tiny --device cpu --dtype float32   # CPU dry run (a test): no cap
+
+The CPU tests raise ``torch.OutOfMemoryError`` by hand. Here CUDA's caching allocator raises
+it: the process's memory is capped (``torch.cuda.set_per_process_memory_fraction``) between
+peaks this script first measures without a cap, on a small detail scene (320 px) and the same
+scene enlarged (``--large`` px, more visual tokens on the dynamic-resolution families), with
+``method.activation_memory_gb=null`` so that nothing plans around the cap, under
+``deterministic=true`` so that results compare bit for bit:
+
+1. **Fallback.** Capped between the large sample's peak with every layer recomputed and its
+   peak as it is: its grounding runs out of memory, is redone with its layers recomputed, and
+   the sample must come out with the uncapped run's crops and answer, ``memory_fallbacks`` > 0.
+2. **Recorded, and the run goes on.** Capped between the small sample's peak (recomputed) and
+   the large one's (recomputed): ``egg_eval.runner.run`` on small, large, small must record
+   the large sample as ``OutOfMemoryError``, the two small ones as the uncapped run's, and hand
+   the failed sample's memory back. A rerun without the cap then computes the failed sample
+   again (``retry_failed``) and gets the uncapped run's result.
+
+A family that fails prints its traceback and the script goes on; the exit status is the
+number of families that failed. On CPU there is no cap to set: the dry run checks the plumbing
+(the same runs, uncapped, must all succeed and agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+class Capped:
+    """Measure a call's peak above what the process held before it (CUDA: bytes allocated
+    and reserved), optionally with the process allowed to reserve only ``above`` bytes more
+    than it held."""
+
+    def __init__(self, device, above: float | None = None):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.device, self.above = device, above
+        self.torch = torch
+
+    def __enter__(self):
+        t = self.torch
+        if self.cuda:
+            t.cuda.synchronize()
+            t.cuda.empty_cache()  # a cap binds new segments only: nothing cached may stand in for them
+            self.base = t.cuda.memory_allocated(self.device)
+            if self.above is not None:
+                total = t.cuda.get_device_properties(self.device).total_memory
+                t.cuda.set_per_process_memory_fraction(min((self.base + self.above) / total, 1.0), self.device)
+            t.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        t = self.torch
+        self.allocated = self.reserved = 0
+        if self.cuda:
+            t.cuda.synchronize()
+            self.allocated = t.cuda.max_memory_allocated(self.device) - self.base
+            self.reserved = t.cuda.max_memory_reserved(self.device) - self.base
+            if self.above is not None:
+                t.cuda.set_per_process_memory_fraction(1.0, self.device)
+        return False
+
+
+def gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+def check(family: str, layers: int, device: str, dtype: str, backbone: str = "real", large: int = 1024) -> None:
+    import torch
+    from bench import load
+    from gpu_check import crops
+    from PIL import Image
+
+    from egg_eval.cli import set_deterministic
+    from egg_eval.data.benchmarks import OPEN_SUFFIX, BenchmarkSpec, Sample
+    from egg_eval.data.detail import rows
+    from egg_eval.grounding.refine import EggConfig, run_egg
+    from egg_eval.runner import RunInfo, run
+
+    bb = load(argparse.Namespace(backbone=backbone, family=family, layers=layers, device=device, dtype=dtype))
+    set_deterministic(True)
+    r = next(iter(rows(1, seed=2002)))
+    question = r["question"]
+    images = {"small": r["image"], "large": r["image"].resize((large, large), Image.BICUBIC)}
+    # one pass per view: as is and recomputed, a view's map is the same to the bit under
+    # deterministic=true, while a batch and its views one by one differ by float rounding
+    # (the batch's own fallback, one view at a time, is tested on CPU)
+    as_is = EggConfig(activation_memory_gb=None, batch_views=False)
+    recomputed = EggConfig(activation_memory_gb=None, batch_views=False, checkpoint_layers=True)
+    model = torch.cuda.memory_allocated(bb.device) if bb.device.type == "cuda" else 0
+    print(f"  model and what it holds {gib(model)} on {bb.device} {bb.dtype}")
+
+    ref, peak = {}, {}
+    for name, image in images.items():
+        for how, cfg in (("as is", as_is), ("recomputed", recomputed)):
+            with Capped(bb.device) as m:
+                answer, trace = run_egg(bb, image, f"{question}\n{OPEN_SUFFIX}", cfg)
+            peak[name, how] = m
+            print(
+                f"  {name} ({image.size[0]} px), {how}: peak above the model {gib(m.allocated)} allocated, "
+                f"{gib(m.reserved)} reserved; {trace.counters.n_backward} backward"
+            )
+            if how == "as is":
+                ref[name] = (answer, crops(trace), trace)
+            else:  # recomputed layers: the same maps, so the same crops and answer
+                assert (answer, crops(trace)) == ref[name][:2], f"{name}: recomputed run differs from as is"
+
+    def between(low, high) -> float | None:
+        if bb.device.type != "cuda":
+            return None
+        lo, hi = peak[low].reserved, peak[high].allocated
+        if not lo < 0.9 * hi:
+            return None
+        return (lo + hi) / 2
+
+    # 1. the fallback inside the grounding: out of memory as is, redone with layers recomputed
+    cap = between(("large", "recomputed"), ("large", "as is"))
+    if cap is None and bb.device.type == "cuda":
+        raise AssertionError("recomputing the layers saved too little memory to set a cap between the two")
+    with Capped(bb.device, cap) as m:
+        answer, trace = run_egg(bb, images["large"], f"{question}\n{OPEN_SUFFIX}", as_is)
+    fallbacks = trace.counters.memory_fallbacks
+    same = (answer, crops(trace)) == ref["large"][:2]
+    print(
+        f"  fallback, capped at {gib(cap) + ' above what it held' if cap else 'none'}: {fallbacks} memory "
+        f"fallbacks, peak above what it held {gib(m.allocated)}; crops and answer as uncapped: {same}"
+    )
+    assert same, "the fallback changed the result"
+    assert cap is None or fallbacks > 0, "the cap did not make the grounding run out of memory"
+
+    # 2. the runner: the large sample recorded as out of memory, the run going on
+    cap = between(("small", "recomputed"), ("large", "recomputed"))
+    if cap is None and bb.device.type == "cuda":  # a family whose views all have about as many tokens
+        print("  runner: not checked, the small and large samples need about as much memory recomputed")
+        return
+    spec = BenchmarkSpec(name="oom_check", hf_id="-", split="test", metric="exact_match")
+    samples = [Sample(id=i, question=question, image=images[n], answers=["a"]) for i, n in _ORDER]
+    out = Path(tempfile.mkdtemp()) / "run"
+    info = RunInfo(output_dir=out, spec=spec, method="egg", backbone=family, progress=False)
+
+    def method(image, text):
+        return run_egg(bb, image, text, as_is)
+
+    with Capped(bb.device, cap):
+        summary = run(samples, method, info)
+    left = (torch.cuda.memory_allocated(bb.device) - model) if bb.device.type == "cuda" else 0
+    recs = {x["id"]: x for x in _records(out)}
+    print(
+        f"  runner, capped at {gib(cap) + ' above what it held' if cap else 'none'}: "
+        + ", ".join(f"{i} {(recs[i]['error'] or 'ok')[:60]!r}" for i, _ in _ORDER)
+        + f"; {summary['n_failures']} failure(s); held after the run above the model {gib(left)}"
+    )
+    for i, name in _ORDER:
+        expected_error = cap is not None and name == "large"
+        assert (recs[i]["error"] or "").startswith("OutOfMemoryError") == expected_error, (i, recs[i]["error"])
+        if not expected_error:
+            assert recs[i]["prediction"] == ref[name][0], (i, recs[i]["prediction"], ref[name][0])
+            assert recs[i]["final_views"] == ref[name][2].to_dict()["final_views"], i
+    failed = summary["n_failures"]
+    summary = run(samples, method, info)  # a larger GPU: the failed sample is computed again
+    recs = {x["id"]: x for x in _records(out)}
+    assert summary["n_failures"] == 0 and len(recs) == len(_ORDER)
+    assert recs["large"]["final_views"] == ref["large"][2].to_dict()["final_views"]
+    print(f"  rerun without the cap: {failed} failed sample(s) computed again, as uncapped; no failures")
+
+
+_ORDER = (("small", "small"), ("large", "large"), ("small again", "small"))
+
+
+def _records(folder: Path) -> list[dict]:
+    import json
+
+    return [json.loads(x) for x in (folder / "records.jsonl").read_text().splitlines()]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--families", default="qwen25vl,llava16")
+    ap.add_argument("--layers", type=int, default=0, help="decoder layers; 0: the family's full depth")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--backbone", choices=("real", "tiny"), default="real", help="tiny: the test models (CPU dry run)")
+    ap.add_argument("--large", type=int, default=1024, help="side of the large sample, px (the small one: 320)")
+    args = ap.parse_args()
+    from egg_eval.cli import fix_cublas_workspace
+
+    fix_cublas_workspace()  # deterministic=true needs it before any GPU work
+    failed = 0
+    for family in args.families.split(","):
+        print(f"{family}:", flush=True)
+        t0 = time.perf_counter()
+        try:
+            check(family, args.layers, args.device, args.dtype, backbone=args.backbone, large=args.large)
+            print(f"  OK ({time.perf_counter() - t0:.0f} s)", flush=True)
+        except Exception:
+            failed += 1
+            traceback.print_exc()
+            print("  FAILED", flush=True)
+        import gc
+
+        import torch
+
+        gc.collect()  # the family's model, before the next one loads
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return failed
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
