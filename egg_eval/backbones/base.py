@@ -95,17 +95,13 @@ class Prefix:
     cache: Any
     length: int
 
-    def detach(self) -> Prefix:
-        detach_cache(self.cache)
-        return self
-
 
 def detach_cache(cache) -> None:
-    """Keys and values built in a grad pass: keep the tensors, drop the graph. Also what a
-    failed pass must do with its cache: in the layers recomputed in the backward, the
+    """Keys and values built in a grad pass: keep the tensors, drop the graph, once the
+    backward is done or the pass failed. In the layers recomputed in the backward, the
     checkpoint's saved inputs hold the cache (a keyword of the layer's call) and the cache's
-    keys hold the graph, a cycle through autograd that Python's collector cannot see, so
-    without it the failed pass's memory would stay taken for the rest of the process."""
+    keys hold the graph, a cycle through autograd that Python's collector cannot see: a failed
+    pass that kept its cache this way would keep its memory for the rest of the process."""
     for layer in cache.layers:
         if getattr(layer, "keys", None) is not None:  # a layer the failed pass did not reach has none
             layer.keys, layer.values = layer.keys.detach(), layer.values.detach()

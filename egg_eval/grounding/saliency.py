@@ -154,15 +154,14 @@ def _ground_encoded(
                 )
                 value = OBJECTIVES[objective](logits)
             grads = _gradients(value, leaves)
-    except BaseException:  # out of memory, say: hand the pass's memory back (see detach_cache)
+        backbone.counters.n_backward += 1
+        out = _grounding(backbone, enc, image, grads, value, logits, leaves)
+    finally:  # kept for the answer, or the pass failed (out of memory, say): either way without its graph
         if cache is not None:
             detach_cache(cache)
-        raise
-    backbone.counters.n_backward += 1
-    out = _grounding(backbone, enc, image, grads, value, logits, leaves)
     if cache is not None:
         ids = enc["input_ids"][0]
-        out.prefix = Prefix(ids, cache, int(ids.shape[0])).detach()
+        out.prefix = Prefix(ids, cache, int(ids.shape[0]))
     return out
 
 
