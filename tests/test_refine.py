@@ -307,6 +307,30 @@ def test_run_egg_answer_on_the_prefix_changes_nothing_but_time(tiny_backbones, f
     assert trace2.counters.n_forward == trace.counters.n_forward
 
 
+def test_a_sliding_window_that_dropped_keys_answers_without_the_prefix(tiny_paths, tiny_backbones, tmp_path):
+    """A Mistral checkpoint may set a sliding attention window; once the whole image's prompt
+    fills it, its cache has dropped its oldest keys and cannot be cut back to the shared
+    prefix (transformers raises). The answer then runs its whole prompt, as without
+    reuse_prefix; a prompt within the window still reuses it."""
+    import shutil
+
+    from egg_eval.backbones import load_backbone
+
+    path = tmp_path / "llava16_window"
+    shutil.copytree(tiny_paths["llava16"], path)
+    cfg = json.loads((path / "config.json").read_text())
+    img = noise_image(300, 170, seed=11)
+    n_tokens = tiny_backbones["llava16"].encode([img], "q")["input_ids"].shape[-1]
+    for window, reused in ((n_tokens + 8, True), (n_tokens - 8, False)):
+        cfg["text_config"]["sliding_window"] = window
+        (path / "config.json").write_text(json.dumps(cfg))
+        bb = load_backbone("llava16", str(path), device="cpu", max_new_tokens=4)
+        text, trace = run_egg(bb, img, "q", EggConfig(max_rounds=4, reuse_prefix=False))
+        text2, trace2 = run_egg(bb, img, "q", EggConfig(max_rounds=4))
+        assert (text2, trace2.final_views) == (text, trace.final_views) and len(trace.final_views) > 1
+        assert (trace2.counters.prefix_tokens > 0) == reused, window
+
+
 def test_run_egg_answers_from_cached_features(tiny_backbones, monkeypatch):
     bb = tiny_backbones["llava15"]
     img = noise_image(300, 170, seed=11)

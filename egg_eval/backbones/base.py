@@ -806,8 +806,15 @@ class Backbone:
         ``prefix`` was computed on, ``features`` its images' embeddings) the prefix's cache
         holds: their common start with the cached prompt, used only if it takes in every token
         of the first image and leaves at least one token to run; else 0. The later images'
-        tokens never fall in it (the cached prompt had one image)."""
+        tokens never fall in it (the cached prompt had one image). Also 0 where a layer with a
+        sliding attention window (a Mistral checkpoint that sets one) has held a window's worth
+        of tokens: it has dropped its oldest keys, and its cache can no longer be cut back."""
         if prefix is None or features is None or len(features) < 2:
+            return 0
+        if any(
+            getattr(layer, "is_sliding", False) and layer.get_seq_length() >= layer.sliding_window
+            for layer in prefix.cache.layers
+        ):
             return 0
         ids = enc["input_ids"][0]
         ref = prefix.input_ids.to(ids.device)
