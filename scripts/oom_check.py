@@ -7,7 +7,8 @@
 The CPU tests raise ``torch.OutOfMemoryError`` by hand. Here CUDA's caching allocator raises
 it: the process's memory is capped (``torch.cuda.set_per_process_memory_fraction``) between
 peaks this script first measures without a cap, on a small detail scene (320 px) and the same
-scene enlarged (``--large`` px, more visual tokens on the dynamic-resolution families), with
+scene enlarged (``--large`` px, more visual tokens on the dynamic-resolution families) with
+``--context`` words of text before its question (more text tokens on every family), with
 ``method.activation_memory_gb=null`` so that nothing plans around the cap, under
 ``deterministic=true`` so that results compare bit for bit:
 
@@ -77,7 +78,9 @@ def gib(b: float) -> str:
     return f"{b / 2**30:.2f} GiB"
 
 
-def check(family: str, layers: int, device: str, dtype: str, backbone: str = "real", large: int = 1024) -> None:
+def check(
+    family: str, layers: int, device: str, dtype: str, backbone: str = "real", large: int = 1024, context: int = 1500
+) -> None:
     import torch
     from bench import load
     from gpu_check import crops
@@ -92,8 +95,11 @@ def check(family: str, layers: int, device: str, dtype: str, backbone: str = "re
     bb = load(argparse.Namespace(backbone=backbone, family=family, layers=layers, device=device, dtype=dtype))
     set_deterministic(True)
     r = next(iter(rows(1, seed=2002)))
-    question = r["question"]
     images = {"small": r["image"], "large": r["image"].resize((large, large), Image.BICUBIC)}
+    # the large sample: more visual tokens on the dynamic-resolution families, and on every
+    # family (LLaVA-1.5 sees 576 at any size) more text tokens before its question
+    words = (_FILLER.split() * (context // len(_FILLER.split()) + 1))[:context]
+    questions = {"small": r["question"], "large": "\n".join([" ".join(words), r["question"]]).strip()}
     # one pass per view: as is and recomputed, a view's map is the same to the bit under
     # deterministic=true, while a batch and its views one by one differ by float rounding
     # (the batch's own fallback, one view at a time, is tested on CPU)
@@ -106,11 +112,11 @@ def check(family: str, layers: int, device: str, dtype: str, backbone: str = "re
     for name, image in images.items():
         for how, cfg in (("as is", as_is), ("recomputed", recomputed)):
             with Capped(bb.device) as m:
-                answer, trace = run_egg(bb, image, f"{question}\n{OPEN_SUFFIX}", cfg)
+                answer, trace = run_egg(bb, image, f"{questions[name]}\n{OPEN_SUFFIX}", cfg)
             peak[name, how] = m
             print(
-                f"  {name} ({image.size[0]} px), {how}: peak above the model {gib(m.allocated)} allocated, "
-                f"{gib(m.reserved)} reserved; {trace.counters.n_backward} backward"
+                f"  {name} ({image.size[0]} px, {len(questions[name].split())} words), {how}: peak above the model "
+                f"{gib(m.allocated)} allocated, {gib(m.reserved)} reserved; {trace.counters.n_backward} backward"
             )
             if how == "as is":
                 ref[name] = (answer, crops(trace), trace)
@@ -130,7 +136,7 @@ def check(family: str, layers: int, device: str, dtype: str, backbone: str = "re
     if cap is None and bb.device.type == "cuda":
         raise AssertionError("recomputing the layers saved too little memory to set a cap between the two")
     with Capped(bb.device, cap) as m:
-        answer, trace = run_egg(bb, images["large"], f"{question}\n{OPEN_SUFFIX}", as_is)
+        answer, trace = run_egg(bb, images["large"], f"{questions['large']}\n{OPEN_SUFFIX}", as_is)
     fallbacks = trace.counters.memory_fallbacks
     same = (answer, crops(trace)) == ref["large"][:2]
     print(
@@ -146,7 +152,7 @@ def check(family: str, layers: int, device: str, dtype: str, backbone: str = "re
         print("  runner: not checked, the small and large samples need about as much memory recomputed")
         return
     spec = BenchmarkSpec(name="oom_check", hf_id="-", split="test", metric="exact_match")
-    samples = [Sample(id=i, question=question, image=images[n], answers=["a"]) for i, n in _ORDER]
+    samples = [Sample(id=i, question=questions[n], image=images[n], answers=["a"]) for i, n in _ORDER]
     out = Path(tempfile.mkdtemp()) / "run"
     info = RunInfo(output_dir=out, spec=spec, method="egg", backbone=family, progress=False)
 
@@ -177,6 +183,10 @@ def check(family: str, layers: int, device: str, dtype: str, backbone: str = "re
 
 
 _ORDER = (("small", "small"), ("large", "large"), ("small again", "small"))
+_FILLER = (
+    "The survey counted the boats in the harbour at dawn and again at dusk, and the two tallies "
+    "were written in the ledger beside the tide tables and the names of the harbour masters."
+)
 
 
 def _records(folder: Path) -> list[dict]:
@@ -193,6 +203,9 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backbone", choices=("real", "tiny"), default="real", help="tiny: the test models (CPU dry run)")
     ap.add_argument("--large", type=int, default=1024, help="side of the large sample, px (the small one: 320)")
+    ap.add_argument(
+        "--context", type=int, default=1500, help="words of text before the large sample's question (0: none)"
+    )
     args = ap.parse_args()
     from egg_eval.cli import fix_cublas_workspace
 
@@ -202,7 +215,15 @@ def main() -> int:
         print(f"{family}:", flush=True)
         t0 = time.perf_counter()
         try:
-            check(family, args.layers, args.device, args.dtype, backbone=args.backbone, large=args.large)
+            check(
+                family,
+                args.layers,
+                args.device,
+                args.dtype,
+                backbone=args.backbone,
+                large=args.large,
+                context=args.context,
+            )
             print(f"  OK ({time.perf_counter() - t0:.0f} s)", flush=True)
         except Exception:
             failed += 1
