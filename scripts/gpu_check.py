@@ -208,15 +208,50 @@ def check(
     return worst
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", default="llava15,llava16,qwen25vl,internvl35")
-    ap.add_argument("--layers", type=int, default=2, help="decoder layers; 0: the family's full depth")
+def device_args(ap: argparse.ArgumentParser, families: str = "llava15,llava16,qwen25vl,internvl35", layers: int = 2):
+    """The options every GPU-lease script takes: which families, how deep, where, in what dtype."""
+    ap.add_argument("--families", default=families)
+    ap.add_argument("--layers", type=int, default=layers, help="decoder layers; 0: the family's full depth")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument(
         "--backbone", choices=("real", "tiny"), default="real", help="tiny: the test models, for a CPU dry run"
     )
+
+
+def each_family(args: argparse.Namespace, check_one, *options: str) -> int:
+    """``check_one(family, layers, device, dtype, backbone=..., <options>=...)`` from ``args``
+    for each of ``args.families`` in turn: a failure prints its traceback and the next family
+    runs; each family's model is let go before the next loads. Returns how many failed (the
+    exit status)."""
+    import gc
+
+    import torch
+
+    from egg_eval.cli import fix_cublas_workspace
+
+    fix_cublas_workspace()  # checks switch deterministic=true on after GPU work has begun
+    failed = 0
+    kw = {"backbone": args.backbone, **{k: getattr(args, k) for k in options}}
+    for family in args.families.split(","):
+        print(f"{family}:", flush=True)
+        t0 = time.perf_counter()
+        try:
+            check_one(family, args.layers, args.device, args.dtype, **kw)
+            print(f"  OK ({time.perf_counter() - t0:.0f} s)", flush=True)
+        except Exception:
+            failed += 1
+            traceback.print_exc()
+            print("  FAILED", flush=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return failed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    device_args(ap)
     ap.add_argument(
         "--deterministic",
         action="store_true",
@@ -234,29 +269,7 @@ def main() -> int:
         "--tolerance", type=float, default=None, help="fail a family whose exact-by-construction gaps exceed this"
     )
     args = ap.parse_args()
-    from egg_eval.cli import fix_cublas_workspace
-
-    fix_cublas_workspace()  # every family's checks switch deterministic=true on after GPU work has begun
-    failed = 0
-    for family in args.families.split(","):
-        print(f"{family}:", flush=True)
-        try:
-            check(
-                family,
-                args.layers,
-                args.device,
-                args.dtype,
-                backbone=args.backbone,
-                tolerance=args.tolerance,
-                deterministic=args.deterministic,
-                whole_runs=args.whole_runs,
-            )
-            print("  OK", flush=True)
-        except Exception:
-            failed += 1
-            traceback.print_exc()
-            print("  FAILED", flush=True)
-    return failed
+    return each_family(args, check, "tolerance", "deterministic", "whole_runs")
 
 
 if __name__ == "__main__":

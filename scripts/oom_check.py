@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -196,47 +194,16 @@ def _records(folder: Path) -> list[dict]:
 
 
 def main() -> int:
+    from gpu_check import device_args, each_family
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", default="qwen25vl,llava16")
-    ap.add_argument("--layers", type=int, default=0, help="decoder layers; 0: the family's full depth")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--backbone", choices=("real", "tiny"), default="real", help="tiny: the test models (CPU dry run)")
+    device_args(ap, families="qwen25vl,llava16", layers=0)
     ap.add_argument("--large", type=int, default=1024, help="side of the large sample, px (the small one: 320)")
     ap.add_argument(
         "--context", type=int, default=1500, help="words of text before the large sample's question (0: none)"
     )
     args = ap.parse_args()
-    from egg_eval.cli import fix_cublas_workspace
-
-    fix_cublas_workspace()  # deterministic=true needs it before any GPU work
-    failed = 0
-    for family in args.families.split(","):
-        print(f"{family}:", flush=True)
-        t0 = time.perf_counter()
-        try:
-            check(
-                family,
-                args.layers,
-                args.device,
-                args.dtype,
-                backbone=args.backbone,
-                large=args.large,
-                context=args.context,
-            )
-            print(f"  OK ({time.perf_counter() - t0:.0f} s)", flush=True)
-        except Exception:
-            failed += 1
-            traceback.print_exc()
-            print("  FAILED", flush=True)
-        import gc
-
-        import torch
-
-        gc.collect()  # the family's model, before the next one loads
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return failed
+    return each_family(args, check, "large", "context")
 
 
 if __name__ == "__main__":
