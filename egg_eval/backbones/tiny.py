@@ -230,6 +230,9 @@ def _tiny_sizes(family: str, tok: PreTrainedTokenizerFast, hidden: int) -> dict:
         return dict(vision=_clip(112), text=text, image={"side": 112})
     if family == "llava16":
         pin = [[56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
+        # Mistral-7B-Instruct-v0.2, as the published checkpoint: no sliding window (MistralConfig's
+        # default is 4096; tests/test_refine.py sets one where it tests one)
+        text.update(sliding_window=None)
         return dict(vision=_clip(56), text=text, image={"side": 56, "pinpoints": pin})
     if family == "qwen25vl":
         text.update(num_attention_heads=2, num_key_value_heads=2, rope_scaling=None)
