@@ -34,6 +34,7 @@ the tiny models; this script exists because CI has no GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import traceback
@@ -56,6 +57,23 @@ def crops(trace):
     return [[s.box for s in r.selected] for r in trace.rounds], trace.final_views
 
 
+@contextlib.contextmanager
+def answers_as_ids(bb):
+    """Answers as their token ids: a ``--backbone real`` model has the published vocabulary but
+    the offline tiny tokenizer, so nearly every id it generates decodes to '' and any two
+    answers would compare equal."""
+    tok = bb.processor.tokenizer
+    own = vars(tok).get("decode")
+    tok.decode = lambda ids, **kw: " ".join(str(int(i)) for i in ids)
+    try:
+        yield
+    finally:
+        if own is None:
+            del tok.decode
+        else:
+            tok.decode = own
+
+
 def repeat_runs(bb, n: int, deterministic: bool) -> tuple[int, int, float]:
     """Full EGG on ``n`` detail samples twice in a row under ``deterministic``: on how many
     samples the answers differ, on how many the crops (any round's kept boxes, or the final
@@ -67,7 +85,8 @@ def repeat_runs(bb, n: int, deterministic: bool) -> tuple[int, int, float]:
 
     set_deterministic(deterministic)
     samples = [(r["image"], f"{r['question']}\n{OPEN_SUFFIX}") for r in rows(n, seed=2001)]
-    first, second = ([run_egg(bb, img, q, EggConfig()) for img, q in samples] for _ in range(2))
+    with answers_as_ids(bb):
+        first, second = ([run_egg(bb, img, q, EggConfig()) for img, q in samples] for _ in range(2))
 
     answers = sum(a != b for (a, _), (b, _) in zip(first, second))
     paths = sum(crops(t) != crops(u) for (_, t), (_, u) in zip(first, second))

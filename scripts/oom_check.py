@@ -79,19 +79,27 @@ def gib(b: float) -> str:
 def check(
     family: str, layers: int, device: str, dtype: str, backbone: str = "real", large: int = 1024, context: int = 1500
 ) -> None:
-    import torch
     from bench import load
+    from gpu_check import answers_as_ids
+
+    from egg_eval.cli import set_deterministic
+
+    bb = load(argparse.Namespace(backbone=backbone, family=family, layers=layers, device=device, dtype=dtype))
+    set_deterministic(True)
+    with answers_as_ids(bb):  # the random weights' answers compare by their ids
+        _check(bb, family, large, context)
+
+
+def _check(bb, family: str, large: int, context: int) -> None:
+    import torch
     from gpu_check import crops
     from PIL import Image
 
-    from egg_eval.cli import set_deterministic
     from egg_eval.data.benchmarks import OPEN_SUFFIX, BenchmarkSpec, Sample
     from egg_eval.data.detail import rows
     from egg_eval.grounding.refine import EggConfig, run_egg
     from egg_eval.runner import RunInfo, run
 
-    bb = load(argparse.Namespace(backbone=backbone, family=family, layers=layers, device=device, dtype=dtype))
-    set_deterministic(True)
     r = next(iter(rows(1, seed=2002)))
     images = {"small": r["image"], "large": r["image"].resize((large, large), Image.BICUBIC)}
     # the large sample: more visual tokens on the dynamic-resolution families, and on every

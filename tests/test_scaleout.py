@@ -309,6 +309,30 @@ def test_oom_check_dry_runs_on_the_tiny_models():
     assert "small 'ok', large 'ok', small again 'ok'; 0 failure(s)" in ok.stdout
 
 
+def test_gpu_check_compares_answers_by_their_token_ids(monkeypatch):
+    """A real-size random model generates ids the offline tokenizer does not know, which
+    decode to '': gpu_check and oom_check compare the answers' ids instead, and put the
+    tokenizer back after."""
+    import argparse
+
+    from egg_eval.data.detail import rows
+    from egg_eval.grounding.refine import EggConfig, run_egg
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    from bench import load
+    from gpu_check import answers_as_ids
+
+    bb = load(argparse.Namespace(backbone="tiny", family="llava15", layers=None, device="cpu", dtype="float32"))
+    tok = bb.processor.tokenizer
+    row = next(rows(1, seed=5))
+    text, _ = run_egg(bb, row["image"], row["question"], EggConfig())
+    with answers_as_ids(bb):
+        ids, _ = run_egg(bb, row["image"], row["question"], EggConfig())
+    assert ids and all(w.isdigit() for w in ids.split())
+    assert tok.decode([int(w) for w in ids.split()], skip_special_tokens=True).strip() == text
+    assert "decode" not in vars(tok)  # the class's own again
+
+
 def test_gpu_check_whole_runs_see_maps_that_differ_between_runs(monkeypatch):
     """``gpu_check --whole-runs`` compares two whole EGG runs: gradients that drift from one
     pass to the next (as atomics in a GPU backward can) show as a map gap, and a drift large
