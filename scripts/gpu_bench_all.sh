@@ -13,7 +13,8 @@
 # MAIN=0 skips the per-family runs (with CHECK=0: only the extra runs below).
 # BUDGETS=1 also times LLaVA-1.6 and InternVL-3.5 at 1024 px (where the default budget makes them
 # recompute layers) with no budget (egg_reused_prefix), the default (egg, 0.4x the weights) and
-# egg under an 8 GB budget (about 0.5x), 8 samples each, to read time against peak memory.
+# egg under an 8 GB budget (about 0.5x), 8 samples each, to read time against peak memory; the
+# first three rows also profiled by phase (2 samples each: where the budget's time goes).
 # WHOLE=1 also runs gpu_check at the families' full depth with --whole-runs 8: full EGG on 8
 # samples twice in a row, with and without deterministic=true (answers, crops and maps compared).
 # OOM=1 also runs scripts/oom_check.py: real out-of-memory under a cap, the grounding's fallback
@@ -43,7 +44,8 @@ done
 if [ "${BUDGETS:-0}" != 0 ]; then
     for family in llava16 internvl35; do
         python3 scripts/bench.py --backbone real --family "$family" --device cuda --dtype bfloat16 --threads 8 \
-            --n 8 --repeats 1 --methods vanilla,egg_reused_prefix,egg --image-size 1024 2>&1 | tee "$out/${family}_1024_budgets.txt"
+            --n 8 --repeats 1 --methods vanilla,egg_reused_prefix,egg --image-size 1024 --profile 2 2>&1 \
+            | tee "$out/${family}_1024_budgets.txt"
         python3 scripts/bench.py --backbone real --family "$family" --device cuda --dtype bfloat16 --threads 8 \
             --n 8 --repeats 1 --methods vanilla,egg --image-size 1024 --activation-memory-gb 8 2>&1 | tee "$out/${family}_1024_budget8.txt"
     done
