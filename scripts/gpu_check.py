@@ -52,6 +52,42 @@ def rel_gap(a, ref) -> float:
     return float(np.abs(a - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
+class MemoryPeak:
+    """Measure a call's peak above what the process held before it (CUDA: bytes allocated
+    and reserved), optionally with the process allowed to reserve only ``above`` bytes more
+    than it held."""
+
+    def __init__(self, device, above: float | None = None):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.device, self.above = device, above
+        self.torch = torch
+
+    def __enter__(self):
+        t = self.torch
+        if self.cuda:
+            t.cuda.synchronize()
+            t.cuda.empty_cache()  # a cap binds new segments only: nothing cached may stand in for them
+            self.base = t.cuda.memory_allocated(self.device)
+            if self.above is not None:
+                total = t.cuda.get_device_properties(self.device).total_memory
+                t.cuda.set_per_process_memory_fraction(min((self.base + self.above) / total, 1.0), self.device)
+            t.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        t = self.torch
+        self.allocated = self.reserved = 0
+        if self.cuda:
+            t.cuda.synchronize()
+            self.allocated = t.cuda.max_memory_allocated(self.device) - self.base
+            self.reserved = t.cuda.max_memory_reserved(self.device) - self.base
+            if self.above is not None:
+                t.cuda.set_per_process_memory_fraction(1.0, self.device)
+        return False
+
+
 def crops(trace):
     """What a run chose: each round's kept boxes, and the views the answer read."""
     return [[s.box for s in r.selected] for r in trace.rounds], trace.final_views
@@ -175,15 +211,12 @@ def check(
     plans = {"as it is": (False, 0), "lean": (True, 0), f"lean, {r_half} layers recomputed": (True, r_half)}
     held = {}
     for name, (lean, r) in plans.items():
-        if bb.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
         # a budget just large enough for the plan makes the pass choose it
         budget = bb.pass_activation_bytes(n_tokens, None, r, lean) if lean else None
-        h = token_saliency(bb, img, q, keep_prefix=True, memory_budget=budget)
+        with MemoryPeak(bb.device) as m:
+            h = token_saliency(bb, img, q, keep_prefix=True, memory_budget=budget)
         if bb.device.type == "cuda":
-            held[name] = (torch.cuda.max_memory_allocated() - before) / n_tokens
+            held[name] = m.allocated / n_tokens
         if not lean:
             continue
         map_gap = rel_gap(h.scores, g.scores)
@@ -217,8 +250,6 @@ def check(
     set_deterministic(False)
     if bb.device.type == "cuda":
         print(f"  peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-        del bb
-        torch.cuda.empty_cache()
     over = {k: v for k, v in gaps.items() if tolerance is not None and not v <= tolerance}
     if over:
         raise AssertionError(f"above --tolerance {tolerance}: {over}")

@@ -36,42 +36,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-class Capped:
-    """Measure a call's peak above what the process held before it (CUDA: bytes allocated
-    and reserved), optionally with the process allowed to reserve only ``above`` bytes more
-    than it held."""
-
-    def __init__(self, device, above: float | None = None):
-        import torch
-
-        self.cuda = device.type == "cuda"
-        self.device, self.above = device, above
-        self.torch = torch
-
-    def __enter__(self):
-        t = self.torch
-        if self.cuda:
-            t.cuda.synchronize()
-            t.cuda.empty_cache()  # a cap binds new segments only: nothing cached may stand in for them
-            self.base = t.cuda.memory_allocated(self.device)
-            if self.above is not None:
-                total = t.cuda.get_device_properties(self.device).total_memory
-                t.cuda.set_per_process_memory_fraction(min((self.base + self.above) / total, 1.0), self.device)
-            t.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc):
-        t = self.torch
-        self.allocated = self.reserved = 0
-        if self.cuda:
-            t.cuda.synchronize()
-            self.allocated = t.cuda.max_memory_allocated(self.device) - self.base
-            self.reserved = t.cuda.max_memory_reserved(self.device) - self.base
-            if self.above is not None:
-                t.cuda.set_per_process_memory_fraction(1.0, self.device)
-        return False
-
-
 def gib(b: float) -> str:
     return f"{b / 2**30:.2f} GiB"
 
@@ -92,7 +56,7 @@ def check(
 
 def _check(bb, family: str, large: int, context: int) -> None:
     import torch
-    from gpu_check import crops
+    from gpu_check import MemoryPeak, crops
     from PIL import Image
 
     from egg_eval.data.benchmarks import OPEN_SUFFIX, BenchmarkSpec, Sample
@@ -117,7 +81,7 @@ def _check(bb, family: str, large: int, context: int) -> None:
     ref, peak = {}, {}
     for name, image in images.items():
         for how, cfg in (("as is", as_is), ("recomputed", recomputed)):
-            with Capped(bb.device) as m:
+            with MemoryPeak(bb.device) as m:
                 answer, trace = run_egg(bb, image, f"{questions[name]}\n{OPEN_SUFFIX}", cfg)
             peak[name, how] = m
             print(
@@ -141,7 +105,7 @@ def _check(bb, family: str, large: int, context: int) -> None:
     cap = between(("large", "recomputed"), ("large", "as is"))
     if cap is None and bb.device.type == "cuda":
         raise AssertionError("recomputing the layers saved too little memory to set a cap between the two")
-    with Capped(bb.device, cap) as m:
+    with MemoryPeak(bb.device, cap) as m:
         answer, trace = run_egg(bb, images["large"], f"{questions['large']}\n{OPEN_SUFFIX}", as_is)
     fallbacks = trace.counters.memory_fallbacks
     same = (answer, crops(trace)) == ref["large"][:2]
@@ -165,7 +129,7 @@ def _check(bb, family: str, large: int, context: int) -> None:
     def method(image, text):
         return run_egg(bb, image, text, as_is)
 
-    with Capped(bb.device, cap):
+    with MemoryPeak(bb.device, cap):
         summary = run(samples, method, info)
     left = (torch.cuda.memory_allocated(bb.device) - model) if bb.device.type == "cuda" else 0
     recs = {x["id"]: x for x in _records(out)}
