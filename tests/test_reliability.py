@@ -365,6 +365,60 @@ def test_a_grounding_pass_that_fails_hands_its_memory_back(monkeypatch, checkpoi
     assert trace.counters.memory_fallbacks == 0
 
 
+def _tensors_outside(model) -> dict[int, tuple]:
+    """Every tensor alive in the process that is not one of ``model``'s parameters or buffers."""
+    import gc
+    import warnings
+
+    gc.collect()
+    own = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    with warnings.catch_warnings():  # isinstance on some of torch's deprecated module objects warns
+        warnings.simplefilter("ignore")
+        return {
+            id(o): (tuple(o.shape), o.dtype)
+            for o in gc.get_objects()
+            if isinstance(o, torch.Tensor) and o.data_ptr() not in own
+        }
+
+
+def test_a_run_whose_sample_ran_out_of_memory_keeps_no_tensor_alive(tmp_path):
+    """The runner's end of the test above: a sample whose grounding runs out of memory in its
+    last layer, as it is and again recomputed, is recorded as failed, the next sample runs,
+    and afterwards no tensor of the failed sample is alive anywhere in the process (without
+    the whole-image pass's cache detached in ``finally``, eleven were, among them the
+    cache's keys and values)."""
+    from egg_eval.backbones import load_backbone
+    from egg_eval.data.detail import rows
+    from egg_eval.grounding.refine import run_egg
+    from egg_eval.toy_vlm import CHECKPOINT
+
+    bb = load_backbone("llava15", str(CHECKPOINT), device="cpu", max_new_tokens=4)
+    data = list(rows(3, seed=7))
+    samples = [
+        Sample(id=str(i), question=r["question"], image=r["image"], answers=r["answers"]) for i, r in enumerate(data)
+    ]
+
+    def out_of_memory(_module, _args):
+        if torch.is_grad_enabled() and method.failing:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def method(image, text):
+        method.failing = image is data[1]["image"]
+        return run_egg(bb, image, text, EggConfig())
+
+    method.failing = False
+    bb.decoder_layers[-1].register_forward_pre_hook(out_of_memory)
+    run_egg(bb, data[0]["image"], data[0]["question"], EggConfig())  # whatever a first run builds lazily
+    before = _tensors_outside(bb.model)
+    info = RunInfo(output_dir=tmp_path, spec=SPEC, method="egg", backbone="llava15", progress=False)
+    summary = run(samples, method, info)
+    recs = {r["id"]: r for r in _records(tmp_path)}
+    assert recs["1"]["error"].startswith("OutOfMemoryError")
+    assert recs["0"]["error"] is None and recs["2"]["error"] is None and summary["n_failures"] == 1
+    left = {k: v for k, v in _tensors_outside(bb.model).items() if k not in before}
+    assert left == {}
+
+
 def _cli(tmp_path: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
