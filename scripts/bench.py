@@ -26,7 +26,12 @@ methods share one process and one model load), on CPU the peak resident set size
 (``ru_maxrss``, which cannot be reset, so each method gets its own process); both whole
 (weights included: what decides whether a job fits) and above the loaded model (what the
 method itself adds). ``--processes`` overrides the choice. With ``--paired`` a method's peak
-is the larger of its own and the plain model's (the plain model's is the smaller).
+is the larger of its own and the plain model's (the plain model's is the smaller). On GPU a
+line under the table also gives each method's peak *reserved* by PyTorch's caching allocator
+(``torch.cuda.max_memory_reserved``: what the device shows as taken, allocated memory plus
+the cached blocks that varying shapes leave between them). ``--alloc-conf`` sets
+``PYTORCH_CUDA_ALLOC_CONF`` for the measuring process, e.g. ``expandable_segments:True``, to
+compare the allocator's settings.
 
 ``--backbone real`` builds the published 7B configuration of the family with RANDOM
 weights (no download): only timings and memory mean anything there, not answers.
@@ -37,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -241,6 +247,9 @@ def child(args):
     def memory() -> int:
         return torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
+    def reserved() -> dict:
+        return {"reserved_peak_mb": torch.cuda.max_memory_reserved() / 2**20} if cuda else {}
+
     def measure(method: str) -> dict:
         # per sample the fastest of ``repeats`` timings (as timeit does), then the median
         if method == "passes":
@@ -303,7 +312,7 @@ def child(args):
                 if rep == 0:
                     counters.append(trace.counters)
                 fallbacks += trace.counters.memory_fallbacks
-        peak = memory()
+        peak, peak_reserved = memory(), reserved()  # before the profile and the FLOP count
         phases = None
         if args.profile:  # after the timings, which it would slow; a profiler that fails costs only this
             try:
@@ -328,6 +337,8 @@ def child(args):
             "memory_fallbacks": fallbacks,
             "peak_mb": peak / 2**20,
             "extra_mb": (peak - base_mem) / 2**20,
+            **peak_reserved,
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
             "device": str(backbone.device),
             "dtype": str(backbone.dtype),
             "sdpa_cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
@@ -409,6 +420,7 @@ def header(args) -> str:
         + (" deterministic" if getattr(args, "deterministic", False) else "")
         + (f" max-tiles={args.max_tiles}" if args.max_tiles is not None else "")
         + (f" max-pixels={args.max_pixels}" if args.max_pixels is not None else "")
+        + (f" alloc-conf={args.alloc_conf}" if getattr(args, "alloc_conf", None) is not None else "")
     )
 
 
@@ -508,6 +520,13 @@ def main() -> None:
         action="store_true",
         help="deterministic=true: deterministic kernels, the grounding backward in PyTorch's strict mode",
     )
+    ap.add_argument(
+        "--alloc-conf",
+        default=None,
+        metavar="SETTINGS",
+        help="PYTORCH_CUDA_ALLOC_CONF for the measuring process (e.g. expandable_segments:True); default: as the "
+        "environment has it",
+    )
     ap.add_argument("--max-tiles", type=int, default=None, help="internvl35: backbone.max_tiles (tiles per view)")
     ap.add_argument("--max-pixels", type=int, default=None, help="qwen25vl: backbone.max_pixels (area per view)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -526,7 +545,8 @@ def main() -> None:
     results = {}
     for group in [methods] if one else [[m] for m in methods]:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([*base, "--child", ",".join(group)], stdout=subprocess.PIPE, text=True)
+        env = os.environ if args.alloc_conf is None else {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": args.alloc_conf}
+        proc = subprocess.Popen([*base, "--child", ",".join(group)], stdout=subprocess.PIPE, text=True, env=env)
         for line in proc.stdout:  # one JSON line per method as it is measured
             if line.startswith("{"):
                 (m, r), *_ = json.loads(line).items()
@@ -572,6 +592,17 @@ def main() -> None:
             f"{r['extra_mb']:.0f}",
         ]
         print(f"| {m} | " + " | ".join(cells) + " |")
+    held = {m: r["reserved_peak_mb"] for m, r in results.items() if "reserved_peak_mb" in r}
+    if held:
+        v = held.get("vanilla")
+        print(
+            "\nreserved by the caching allocator at its peak (MB; allocated plus cached blocks, what the device "
+            "shows as taken): "
+            + ", ".join(
+                f"{m} {mb:.0f}" + (f" ({mb / v:.2f}x vanilla)" if v and m != "vanilla" else "")
+                for m, mb in held.items()
+            )
+        )
     undone = [m for m in results if m in UNDONE]
     if undone:
         print(

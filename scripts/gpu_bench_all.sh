@@ -19,6 +19,9 @@
 # samples twice in a row, with and without deterministic=true (answers, crops and maps compared).
 # OOM=1 also runs scripts/oom_check.py: real out-of-memory under a cap, the grounding's fallback
 # and the runner's per-sample record (needs editdistance, as the runner does).
+# ALLOC=1 also times LLaVA-1.6 and InternVL-3.5 at 1024 px, vanilla and egg, 8 samples each, with
+# PyTorch's allocator as it is and with expandable_segments:True (--alloc-conf): peak allocated
+# and peak reserved (what the device shows as taken), and time.
 # WINDOWS=1 also times Qwen2.5-VL at 1024 px with the stock SDPA vision attention (one call per
 # window) and with the grouped one (one per window length), vanilla and EGG, 4 samples each.
 set -u
@@ -56,6 +59,15 @@ if [ "${WHOLE:-0}" != 0 ]; then
 fi
 if [ "${OOM:-0}" != 0 ]; then
     python3 scripts/oom_check.py --families "$families" 2>&1 | tee "$out/oom_check.txt"
+fi
+if [ "${ALLOC:-0}" != 0 ]; then
+    for family in llava16 internvl35; do
+        for conf in default expandable; do
+            flag=""; [ "$conf" = expandable ] && flag="--alloc-conf expandable_segments:True"
+            python3 scripts/bench.py --backbone real --family "$family" --device cuda --dtype bfloat16 --threads 8 \
+                --n 8 --repeats 1 --methods vanilla,egg --image-size 1024 $flag 2>&1 | tee "$out/${family}_1024_alloc_$conf.txt"
+        done
+    done
 fi
 if [ "${WINDOWS:-0}" != 0 ]; then
     for w in grouped stock; do

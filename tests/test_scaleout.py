@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -192,8 +193,13 @@ def test_bench_script_prints_its_table():
     one = bench(
         "vanilla,egg,egg_param_grads,egg_eager,egg_fp32",
         *("--processes", "one", "--profile", "1", "--flops", "1", "--sdpa-cudnn", "--deterministic"),
+        *("--alloc-conf", "expandable_segments:True"),
     )
     shared = json.loads(one.strip().splitlines()[-1])
+    # --alloc-conf: the allocator's settings of the measuring process, named in the header
+    assert shared["egg"]["alloc_conf"] == "expandable_segments:True" and "alloc-conf=" in one.splitlines()[0]
+    assert results["egg"]["alloc_conf"] == os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    assert "reserved_peak_mb" not in results["egg"] and "reserved by the caching allocator" not in out  # GPU only
     # cuDNN attention: off unless --sdpa-cudnn (backbone.sdpa_cudnn=true), in each method's process
     assert shared["egg"]["sdpa_cudnn"] is True and "sdpa=cudnn-allowed" in one.splitlines()[0]
     assert results["egg"]["sdpa_cudnn"] is False and results["vanilla"]["sdpa_cudnn"] is False
