@@ -365,8 +365,9 @@ def test_a_grounding_pass_that_fails_hands_its_memory_back(monkeypatch, checkpoi
     assert trace.counters.memory_fallbacks == 0
 
 
-def _tensors_outside(model) -> dict[int, tuple]:
-    """Every tensor alive in the process that is not one of ``model``'s parameters or buffers."""
+def _tensors_outside(model) -> dict[int, torch.Tensor]:
+    """Every tensor alive in the process that is not one of ``model``'s parameters or buffers,
+    by id (the dict holds them, so that no later tensor can take the id of one of these)."""
     import gc
     import warnings
 
@@ -374,11 +375,7 @@ def _tensors_outside(model) -> dict[int, tuple]:
     own = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
     with warnings.catch_warnings():  # isinstance on some of torch's deprecated module objects warns
         warnings.simplefilter("ignore")
-        return {
-            id(o): (tuple(o.shape), o.dtype)
-            for o in gc.get_objects()
-            if isinstance(o, torch.Tensor) and o.data_ptr() not in own
-        }
+        return {id(o): o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.data_ptr() not in own}
 
 
 def test_a_run_whose_sample_ran_out_of_memory_keeps_no_tensor_alive(tmp_path):
@@ -415,8 +412,8 @@ def test_a_run_whose_sample_ran_out_of_memory_keeps_no_tensor_alive(tmp_path):
     recs = {r["id"]: r for r in _records(tmp_path)}
     assert recs["1"]["error"].startswith("OutOfMemoryError")
     assert recs["0"]["error"] is None and recs["2"]["error"] is None and summary["n_failures"] == 1
-    left = {k: v for k, v in _tensors_outside(bb.model).items() if k not in before}
-    assert left == {}
+    left = [(tuple(t.shape), t.dtype) for k, t in _tensors_outside(bb.model).items() if k not in before]
+    assert left == []
 
 
 def _cli(tmp_path: Path, out: Path, *extra: str) -> list[str]:
