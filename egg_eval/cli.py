@@ -54,6 +54,7 @@ NOT_IN_RESULT = (
     "deterministic",
     "retry_failed",
     "max_failures_in_a_row",
+    "prefetch",
 )
 
 
@@ -280,6 +281,7 @@ def main(cfg: DictConfig) -> dict:
         pictures=cfg.get("pictures") or 0,
         retry_failed=cfg.get("retry_failed", True),
         max_failures_in_a_row=cfg.get("max_failures_in_a_row", 50),
+        prefetch=cfg.get("prefetch", 4),
         fingerprint=run_fingerprint(resolved, backbone.fingerprint()),
     )
     summary = run(samples, method, info, loggers)

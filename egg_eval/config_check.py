@@ -83,6 +83,7 @@ class RunSchema:  # the top level's own settings
     deterministic: bool = False
     retry_failed: bool = True
     max_failures_in_a_row: int = 50
+    prefetch: int = 4
 
 
 # backbone settings of one family's processor: key -> (family, what it bounds)
@@ -117,6 +118,7 @@ def check_config(cfg: DictConfig) -> None:
     _typed("shard", ShardSchema, c.get("shard") or {})
     _at_least("pictures", top.get("pictures"), 0)
     _at_least("max_failures_in_a_row", top.get("max_failures_in_a_row"), 0)
+    _at_least("prefetch", top.get("prefetch"), 0)
 
     b = c["backbone"]
     _typed("backbone", BackboneSchema, b)

@@ -16,10 +16,12 @@ import json
 import math
 import os
 import platform
+import queue
 import re
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ class RunInfo:
     decoding: dict[str, Any] | None = None  # the answers' effective decoding settings (Backbone.effective_decoding)
     retry_failed: bool = True  # a rerun computes again the samples whose record holds an error
     max_failures_in_a_row: int = 50  # stop when this many model calls fail in a row (0: never)
+    prefetch: int = 4  # samples read and decoded ahead in a background thread (0: none)
 
 
 # -------------------------------------------------------------------- manifest
@@ -298,6 +301,64 @@ def append_table_row(tables_dir: Path, info: RunInfo, summary: dict) -> Path:
 Method = Callable[[Any, str], tuple[str, Trace]]
 
 
+class _Raised:
+    """An exception of the prefetching thread, handed to the consumer in the stream's order."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+
+
+def prefetched(samples: Iterable[Sample], depth: int, skip: Collection[str] = ()) -> Iterator[Sample]:
+    """``samples`` in their order, each read from the stream and its image decoded
+    (:meth:`Sample.load`) up to ``depth`` samples ahead, in a background thread, so that
+    reading and decoding (tens of milliseconds for a document page) overlap the model's work
+    on the sample before. Samples whose id is in ``skip`` (already recorded) are passed on
+    undecoded. An error of the stream itself (a missing column, a dataset that cannot be
+    read) is raised here after the samples before it, as it would be without prefetching.
+    ``depth`` 0: the stream as it is, decoded by the caller."""
+    if depth <= 0:
+        yield from samples
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for sample in samples:
+                if sample.id not in skip:
+                    sample.load()
+                if not put(sample):
+                    return
+            put(_END)
+        except BaseException as e:  # the consumer raises it in its turn
+            put(_Raised(e))
+
+    thread = threading.Thread(target=produce, name="egg_eval-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:  # the consumer stopped (done, or an error): the thread stops at its next sample
+        stop.set()
+
+
 def run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list | None = None) -> dict:
     """Process every sample not yet in ``records.jsonl``; return the summary. One process at
     a time per output folder (:func:`~egg_eval.files.folder_lock`)."""
@@ -326,8 +387,9 @@ def _run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list
     running = [r["metrics"].get(info.spec.metric) for r in records if r["metrics"].get(info.spec.metric) is not None]
     seen: set[str] = set()  # ids of this stream so far: an id is a record's key, so it must be unique
     streak: list[str] = []  # the model-call errors since the last sample the model answered
-    with open(rec_path, "a") as f:
-        for sample in samples:
+    stream = prefetched(samples, info.prefetch, skip=set(done))
+    with open(rec_path, "a") as f, contextlib.closing(stream):
+        for sample in stream:
             if sample.id in seen:
                 raise ValueError(
                     f"sample id {sample.id!r} occurs twice in the dataset (question {sample.question!r} the second "
@@ -344,7 +406,7 @@ def _run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list
                         "(output_root=... or run_id=...) or move the old one away."
                     )
                 continue
-            sample.load()  # the image is decoded only now, for a sample that runs (not timed: time_s is the method's)
+            sample.load()  # decoded only for a sample that runs (or already, ahead); not timed: time_s is the method's
             t0 = time.perf_counter()
             prediction, trace, error, fatal, out_of_memory = None, None, sample.error, False, False
             if error is None:

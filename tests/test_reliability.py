@@ -242,6 +242,91 @@ def test_a_run_whose_model_calls_keep_failing_stops_and_keeps_its_records(tmp_pa
     assert summary["n_samples"] == 8 and summary["n_failures"] == 1 and summary["score"] == pytest.approx(7 / 8)
 
 
+def _lazy_samples(n: int, decoded: list[str], stream_error: Exception | None = None):
+    """``n`` samples whose images are decoded by :meth:`Sample.load` (their ids appended to
+    ``decoded`` when that happens), then, if given, an error of the stream itself."""
+    for i in range(n):
+        sample = Sample(id=str(i), question="q", image=None, answers=["a"], raw=png_bytes(Image.new("RGB", (8, 8))))
+        sample.load = _counting_load(sample, decoded)
+        yield sample
+    if stream_error is not None:
+        raise stream_error
+
+
+def _counting_load(sample: Sample, decoded: list[str]):
+    load = sample.load
+
+    def counted():
+        if sample.image is None and sample.raw is not None:
+            decoded.append(sample.id)
+        return load()
+
+    return counted
+
+
+def test_prefetching_decodes_ahead_in_order_and_skips_what_is_recorded(tmp_path):
+    """With ``prefetch`` the next samples are read and decoded while the model works on one
+    (sample 1 is decoded before the model is done with sample 0); the records keep the
+    stream's order; a rerun decodes none of the samples already recorded."""
+    decoded: list[str] = []
+    seen: list[str] = []
+
+    def method(image, text):
+        seen.append(text)
+        if len(seen) == 1:  # the first sample waits until the thread has decoded the second
+            deadline = time.monotonic() + 10
+            while "1" not in decoded and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert "1" in decoded, "the next sample was not decoded while the model ran"
+        return _answers_a(image, text)
+
+    info = RunInfo(output_dir=tmp_path, spec=SPEC, method="m", backbone="b", progress=False, prefetch=2)
+    summary = run(_lazy_samples(6, decoded), method, info)
+    assert [r["id"] for r in _records(tmp_path)] == [str(i) for i in range(6)] and summary["n_failures"] == 0
+    assert sorted(decoded) == [str(i) for i in range(6)]
+    decoded.clear()
+    run(_lazy_samples(8, decoded), _answers_a, info)  # resumed: only samples 6 and 7 are new
+    assert decoded == ["6", "7"] and [r["id"] for r in _records(tmp_path)] == [str(i) for i in range(8)]
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_an_error_of_the_stream_comes_after_the_samples_before_it(tmp_path, prefetch):
+    """A stream that fails midway (a missing column in a later shard, a dataset that cannot
+    be read on) raises its own error, after the samples before it are recorded, with or
+    without prefetching."""
+    info = RunInfo(output_dir=tmp_path, spec=SPEC, method="m", backbone="b", progress=False, prefetch=prefetch)
+    with pytest.raises(KeyError, match="no column 'question'"):
+        run(_lazy_samples(3, [], KeyError("no column 'question'")), _answers_a, info)
+    assert [r["id"] for r in _records(tmp_path)] == ["0", "1", "2"]
+
+
+def test_a_run_that_stops_stops_its_prefetching_thread(tmp_path):
+    """A run that stops early (here: every model call fails) leaves no thread reading an
+    endless stream behind it."""
+    import threading
+
+    pulled = []
+
+    def endless():
+        i = 0
+        while True:
+            pulled.append(i)
+            yield Sample(id=str(i), question="q", image=Image.new("RGB", (8, 8)), answers=["a"])
+            i += 1
+
+    def broken(image, text):
+        raise ValueError("weights and processor do not match")
+
+    info = RunInfo(output_dir=tmp_path, spec=SPEC, method="m", backbone="b", progress=False, max_failures_in_a_row=3)
+    with pytest.raises(RuntimeError, match="last 3 samples all failed"):
+        run(endless(), broken, info)
+    deadline = time.monotonic() + 10
+    while any(t.name == "egg_eval-prefetch" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "egg_eval-prefetch" for t in threading.enumerate())
+    assert len(pulled) <= 3 + info.prefetch + 2  # read ahead by at most the queue's depth
+
+
 def test_a_cuda_error_that_breaks_the_device_stops_the_run_at_once(tmp_path):
     samples = _samples(4)
 

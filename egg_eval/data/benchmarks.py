@@ -10,6 +10,7 @@ import glob
 import io
 import logging
 import re
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,14 +83,13 @@ class Sample:
         return self
 
 
-def decode_image(value: Any, max_pixels: int | None = None, base: Path | None = None) -> Image.Image:
-    """PIL image from a datasets Image value (decoded or ``{'bytes', 'path'}``) or a file path
-    (a string column; a relative path is taken from ``base``, the local dataset's folder),
-    RGB, EXIF-upright.
+# decode_image raises PIL's global decompression-bomb limit while it opens an image that
+# dataset.max_pixels allows above it: one thread at a time (the runner decodes ahead in one)
+_PIL_LIMIT = threading.Lock()
 
-    Grayscale, palette, RGBA, CMYK and 16-bit images are converted to RGB (16-bit scaled
-    to 8). An image above ``max_pixels`` (default: PIL's decompression-bomb limit,
-    ``Image.MAX_IMAGE_PIXELS``) is refused from its header, before it is decoded."""
+
+def _open_image(value: Any, max_pixels: int | None, base: Path | None) -> tuple[Image.Image, int | None]:
+    """The image of ``value``, opened (its header read, not decoded), and the pixel limit."""
     limit = max_pixels or Image.MAX_IMAGE_PIXELS
     pil_limit = Image.MAX_IMAGE_PIXELS
     if max_pixels and pil_limit and max_pixels > pil_limit:  # a larger limit asked for: PIL must not refuse first
@@ -98,17 +98,16 @@ def decode_image(value: Any, max_pixels: int | None = None, base: Path | None = 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if isinstance(value, Image.Image):
-                img = value
-            elif isinstance(value, dict) and value.get("bytes") is not None:
-                img = Image.open(io.BytesIO(value["bytes"]))
-            elif isinstance(value, dict) and value.get("path"):
-                img = Image.open(_resolve(value["path"], base))
-            elif isinstance(value, str) and value.strip():
-                img = Image.open(_resolve(value.strip(), base))
-            elif isinstance(value, (bytes, bytearray)):
-                img = Image.open(io.BytesIO(value))
-            else:
-                raise ValueError(f"no image in value of type {type(value).__name__}")
+                return value, limit
+            if isinstance(value, dict) and value.get("bytes") is not None:
+                return Image.open(io.BytesIO(value["bytes"])), limit
+            if isinstance(value, dict) and value.get("path"):
+                return Image.open(_resolve(value["path"], base)), limit
+            if isinstance(value, str) and value.strip():
+                return Image.open(_resolve(value.strip(), base)), limit
+            if isinstance(value, (bytes, bytearray)):
+                return Image.open(io.BytesIO(value)), limit
+            raise ValueError(f"no image in value of type {type(value).__name__}")
     except Image.DecompressionBombError as e:
         raise ValueError(f"decompression-bomb guard: {e}") from None
     except UnidentifiedImageError:  # PIL's message names only a BytesIO object
@@ -118,6 +117,18 @@ def decode_image(value: Any, max_pixels: int | None = None, base: Path | None = 
         raise ValueError(f"not an image PIL can read: {what}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
+
+
+def decode_image(value: Any, max_pixels: int | None = None, base: Path | None = None) -> Image.Image:
+    """PIL image from a datasets Image value (decoded or ``{'bytes', 'path'}``) or a file path
+    (a string column; a relative path is taken from ``base``, the local dataset's folder),
+    RGB, EXIF-upright.
+
+    Grayscale, palette, RGBA, CMYK and 16-bit images are converted to RGB (16-bit scaled
+    to 8). An image above ``max_pixels`` (default: PIL's decompression-bomb limit,
+    ``Image.MAX_IMAGE_PIXELS``) is refused from its header, before it is decoded."""
+    with _PIL_LIMIT:  # opening reads only the header; decoding (below) runs unlocked
+        img, limit = _open_image(value, max_pixels, base)
     w, h = img.size
     if limit and w * h > limit:
         raise ValueError(
