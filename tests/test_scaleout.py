@@ -230,6 +230,20 @@ def test_bench_script_prints_its_table():
         assert (shared[m]["forward"], shared[m]["backward"]) == (results[m]["forward"], results[m]["backward"])
 
 
+def test_prefetch_bench_times_each_depth_on_document_pages():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_prefetch.py"
+    cmd = [sys.executable, str(script), "--n", "3", "--size", "400x300", "--repeats", "1", "--depths", "0,2"]
+    out = subprocess.run([*cmd, "--methods", "vanilla"], capture_output=True, text=True, check=True).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| vanilla")]
+    assert [r[1].strip() for r in rows] == ["0", "2"]
+    for r in rows:  # the loop's time per sample holds the model's, and the reading and decoding besides
+        loop, model = (float(c.strip().removesuffix(" ms")) for c in r[2:4])
+        assert loop >= model > 0
+
+
 def test_bench_bounds_the_views_tokens_as_the_family_settings_do():
     import subprocess
     import sys
