@@ -3,6 +3,7 @@
     python scripts/bench_prefetch.py                       # the toy model, 48 pages of 1700x2200, CPU
     python scripts/bench_prefetch.py --n 200 --depths 0,2,4,8
     python scripts/bench_prefetch.py backbone=qwen25vl backbone.device=cuda   # any run's overrides after the options
+    python scripts/bench_prefetch.py --real qwen25vl --device cuda --dtype bfloat16   # a published 7B, random weights
 
 Writes ``--n`` DocVQA-schema rows (a ``--size`` PNG page, 1700x2200 by default, with scanner
 noise and lines of dark boxes for text: about 3 MB, as DocVQA's pages are) to a temporary folder, then
@@ -10,7 +11,9 @@ runs ``python -m egg_eval dataset=docvqa dataset.path=<that folder>`` in this pr
 method and each ``prefetch`` depth, in turn, ``--repeats`` times, each into a fresh folder. It
 prints the wall time per sample of the runner's loop (stream, decode, model, records: the model
 loaded once before) and the runner's own ``mean_time_s`` (the model's time, which excludes
-reading and decoding). The answers mean nothing here: the pages hold no text.
+reading and decoding). The answers mean nothing here: the pages hold no text. ``--real FAMILY``
+times, instead of the configured backbone, that family's published configuration with random
+weights (as ``scripts/bench.py --backbone real`` builds it; no download), for a GPU box.
 """
 
 from __future__ import annotations
@@ -56,12 +59,17 @@ def main() -> None:
     ap.add_argument("--depths", default="0,4", help="prefetch depths to compare")
     ap.add_argument("--methods", default="vanilla,egg")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--real", default=None, metavar="FAMILY", help="a published 7B configuration, random weights")
+    ap.add_argument("--device", default="cuda", help="--real: the device")
+    ap.add_argument("--dtype", default="bfloat16", help="--real: the weights' dtype")
+    ap.add_argument("--layers", type=int, default=None, help="--real: decoder layers (default: all)")
     args, overrides = ap.parse_known_args()
 
     from hydra import compose, initialize_config_dir
 
-    from egg_eval.cli import CONFIG_DIR, build
+    from egg_eval.cli import CONFIG_DIR, build, egg_config, spec_from_config
     from egg_eval.data.benchmarks import iter_samples
+    from egg_eval.grounding.refine import answer_with_views, run_egg, run_vanilla
     from egg_eval.runner import RunInfo, run
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_prefetch_"))
@@ -72,6 +80,16 @@ def main() -> None:
     print(f"{args.n} pages of {width}x{height} PNG, {mb:.1f} MB each")
     print("| method | prefetch | loop s / sample (median of repeats) | model s / sample | all repeats |")
     print("|---|---|---|---|---|")
+    real = None
+    if args.real:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench import load
+
+        real = load(
+            argparse.Namespace(
+                backbone="real", family=args.real, layers=args.layers, device=args.device, dtype=args.dtype
+            )
+        )
     for method in args.methods.split(","):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(
@@ -86,7 +104,16 @@ def main() -> None:
                     *overrides,
                 ],
             )
-        backbone, spec, _, method_fn = build(cfg)  # the model loaded once per method
+        if real is None:
+            backbone, spec, _, method_fn = build(cfg)  # the model loaded once per method
+        else:
+            backbone, spec, egg = real, spec_from_config(cfg.dataset), egg_config(cfg)
+
+            def method_fn(image, text, egg=egg):
+                if egg is None:
+                    return run_vanilla(real, image, text, answer=answer_with_views)
+                return run_egg(real, image, text, egg, answer=answer_with_views)
+
         loops: dict[int, list[float]] = {d: [] for d in depths}
         model: dict[int, list[float]] = {d: [] for d in depths}
         for rep in range(args.repeats):
