@@ -22,6 +22,8 @@
 # ALLOC=1 also times LLaVA-1.6 and InternVL-3.5 at 1024 px, vanilla and egg, 8 samples each, with
 # PyTorch's allocator as it is and with expandable_segments:True (--alloc-conf): peak allocated
 # and peak reserved (what the device shows as taken), and time.
+# PREFETCH=1 also runs scripts/bench_prefetch.py with Qwen2.5-VL and LLaVA-1.6 (published configurations,
+# random weights): the runner's loop on 24 DocVQA-sized pages with prefetch=0 and 4 (needs hydra).
 # WINDOWS=1 also times Qwen2.5-VL at 1024 px with the stock SDPA vision attention (one call per
 # window) and with the grouped one (one per window length), vanilla and EGG, 4 samples each.
 set -u
@@ -67,6 +69,11 @@ if [ "${ALLOC:-0}" != 0 ]; then
             python3 scripts/bench.py --backbone real --family "$family" --device cuda --dtype bfloat16 --threads 8 \
                 --n 8 --repeats 1 --methods vanilla,egg --image-size 1024 $flag 2>&1 | tee "$out/${family}_1024_alloc_$conf.txt"
         done
+    done
+fi
+if [ "${PREFETCH:-0}" != 0 ]; then
+    for family in qwen25vl llava16; do
+        python3 scripts/bench_prefetch.py --real "$family" --n 24 --repeats 1 2>&1 | tee "$out/${family}_prefetch.txt"
     done
 fi
 if [ "${WINDOWS:-0}" != 0 ]; then
