@@ -177,15 +177,11 @@ def build(cfg: DictConfig):
     from egg_eval.data.benchmarks import iter_samples
     from egg_eval.data.toy import subset_dirname, write_toy_subset
     from egg_eval.files import built_once
-    from egg_eval.grounding.refine import answer_by_likelihood, answer_with_views, run_egg, run_vanilla
 
     # before anything loads: a mistyped setting fails now, not on every sample
     check_config(cfg)
     egg = egg_config(cfg)
-    protocol = cfg.dataset.get("protocol") or "generate"
-    if protocol not in ("generate", "likelihood"):
-        raise ValueError(f"dataset.protocol must be 'generate' or 'likelihood', got {protocol!r}")
-    answer = answer_by_likelihood if protocol == "likelihood" else answer_with_views
+    answer = answer_for(cfg)
     torch.manual_seed(cfg.seed)
     set_deterministic(bool(cfg.get("deterministic", False)))
     b = cfg.backbone
@@ -231,6 +227,24 @@ def build(cfg: DictConfig):
     index, count = shard_of(cfg)
     if count > 1:  # sample i of the stream goes to shard i % count
         samples = (s for i, s in enumerate(samples) if i % count == index)
+    return backbone, spec, samples, method_for(backbone, egg, answer)
+
+
+def answer_for(cfg: DictConfig):
+    """The answer pass of ``dataset.protocol``: generated text, or the likeliest option."""
+    from egg_eval.grounding.refine import answer_by_likelihood, answer_with_views
+
+    protocol = cfg.dataset.get("protocol") or "generate"
+    if protocol not in ("generate", "likelihood"):
+        raise ValueError(f"dataset.protocol must be 'generate' or 'likelihood', got {protocol!r}")
+    return answer_by_likelihood if protocol == "likelihood" else answer_with_views
+
+
+def method_for(backbone, egg, answer):
+    """The runner's method on ``backbone``: the plain model where ``egg`` is None (method=vanilla),
+    else EGG with those settings; either answering with ``answer`` (:func:`answer_for`)."""
+    from egg_eval.grounding.refine import run_egg, run_vanilla
+
     if egg is None:
 
         def method(image, text):
@@ -241,7 +255,7 @@ def build(cfg: DictConfig):
         def method(image, text):
             return run_egg(backbone, image, text, egg, answer=answer)
 
-    return backbone, spec, samples, method
+    return method
 
 
 def main(cfg: DictConfig) -> dict:

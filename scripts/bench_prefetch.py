@@ -67,9 +67,8 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from egg_eval.cli import CONFIG_DIR, build, egg_config, spec_from_config
+    from egg_eval.cli import CONFIG_DIR, answer_for, build, egg_config, method_for, spec_from_config
     from egg_eval.data.benchmarks import iter_samples
-    from egg_eval.grounding.refine import answer_with_views, run_egg, run_vanilla
     from egg_eval.runner import RunInfo, run
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_prefetch_"))
@@ -107,12 +106,8 @@ def main() -> None:
         if real is None:
             backbone, spec, _, method_fn = build(cfg)  # the model loaded once per method
         else:
-            backbone, spec, egg = real, spec_from_config(cfg.dataset), egg_config(cfg)
-
-            def method_fn(image, text, egg=egg):
-                if egg is None:
-                    return run_vanilla(real, image, text, answer=answer_with_views)
-                return run_egg(real, image, text, egg, answer=answer_with_views)
+            backbone, spec = real, spec_from_config(cfg.dataset)
+            method_fn = method_for(real, egg_config(cfg), answer_for(cfg))
 
         loops: dict[int, list[float]] = {d: [] for d in depths}
         model: dict[int, list[float]] = {d: [] for d in depths}
