@@ -301,14 +301,7 @@ def append_table_row(tables_dir: Path, info: RunInfo, summary: dict) -> Path:
 Method = Callable[[Any, str], tuple[str, Trace]]
 
 
-class _Raised:
-    """An exception of the prefetching thread, handed to the consumer in the stream's order."""
-
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-_END = object()
+_END = object()  # the prefetching thread's last item; an exception of the stream is put in its place
 
 
 def prefetched(samples: Iterable[Sample], depth: int, skip: Collection[str] = ()) -> Iterator[Sample]:
@@ -343,7 +336,7 @@ def prefetched(samples: Iterable[Sample], depth: int, skip: Collection[str] = ()
                     return
             put(_END)
         except BaseException as e:  # the consumer raises it in its turn
-            put(_Raised(e))
+            put(e)
 
     thread = threading.Thread(target=produce, name="egg_eval-prefetch", daemon=True)
     thread.start()
@@ -352,8 +345,8 @@ def prefetched(samples: Iterable[Sample], depth: int, skip: Collection[str] = ()
             item = q.get()
             if item is _END:
                 return
-            if isinstance(item, _Raised):
-                raise item.error
+            if isinstance(item, BaseException):
+                raise item
             yield item
     finally:  # the consumer stopped (done, or an error): the thread stops at its next sample
         stop.set()
