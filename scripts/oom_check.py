@@ -62,7 +62,7 @@ def _check(bb, family: str, large: int, context: int) -> None:
     from egg_eval.data.benchmarks import OPEN_SUFFIX, BenchmarkSpec, Sample
     from egg_eval.data.detail import rows
     from egg_eval.grounding.refine import EggConfig, run_egg
-    from egg_eval.runner import RunInfo, run
+    from egg_eval.runner import RunInfo, read_records, run
 
     r = next(iter(rows(1, seed=2002)))
     images = {"small": r["image"], "large": r["image"].resize((large, large), Image.BICUBIC)}
@@ -132,7 +132,7 @@ def _check(bb, family: str, large: int, context: int) -> None:
     with MemoryPeak(bb.device, cap):
         summary = run(samples, method, info)
     left = (torch.cuda.memory_allocated(bb.device) - model) if bb.device.type == "cuda" else 0
-    recs = {x["id"]: x for x in _records(out)}
+    recs = {x["id"]: x for x in read_records(out / "records.jsonl")}
     print(
         f"  runner, capped at {gib(cap) + ' above what it held' if cap else 'none'}: "
         + ", ".join(f"{i} {(recs[i]['error'] or 'ok')[:60]!r}" for i, _ in _ORDER)
@@ -146,7 +146,7 @@ def _check(bb, family: str, large: int, context: int) -> None:
             assert recs[i]["final_views"] == ref[name][2].to_dict()["final_views"], i
     failed = summary["n_failures"]
     summary = run(samples, method, info)  # a larger GPU: the failed sample is computed again
-    recs = {x["id"]: x for x in _records(out)}
+    recs = {x["id"]: x for x in read_records(out / "records.jsonl")}
     assert summary["n_failures"] == 0 and len(recs) == len(_ORDER)
     assert recs["large"]["final_views"] == ref["large"][2].to_dict()["final_views"]
     print(f"  rerun without the cap: {failed} failed sample(s) computed again, as uncapped; no failures")
@@ -157,12 +157,6 @@ _FILLER = (
     "The survey counted the boats in the harbour at dawn and again at dusk, and the two tallies "
     "were written in the ledger beside the tide tables and the names of the harbour masters."
 )
-
-
-def _records(folder: Path) -> list[dict]:
-    import json
-
-    return [json.loads(x) for x in (folder / "records.jsonl").read_text().splitlines()]
 
 
 def main() -> int:
