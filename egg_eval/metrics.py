@@ -1,11 +1,18 @@
-"""Benchmark metrics as pure functions, following the official scorers.
+"""Benchmark metrics as pure functions, equal case for case to the official scorers.
 
-- ``vqa_accuracy``: TextVQA's m4c ``TextVQAAccuracyEvaluator`` with the EvalAI answer
-  processor (the VQA v2 normalisation applied to prediction and every answer, always).
-- ``anls``: the RRC DocVQA / InfographicVQA definition.
-- ``pope``: LLaVA's ``eval_pope.py`` answer parsing and counts.
-- ``multiple_choice``: a letter parser robust to the usual phrasings (V*, RealWorldQA).
-- ``exact_match``: GQA, after LLaVA's conversion (lower case, no trailing period).
+- ``vqa_accuracy``: TextVQA's m4c ``TextVQAAccuracyEvaluator`` with its ``EvalAIAnswerProcessor``
+  (facebookresearch/mmf ``mmf/utils/m4c_evaluators.py``; LLaVA's ``llava/eval/m4c_evaluator.py``
+  is the same code), applied to the prediction and to every human answer.
+- ``anls``: the Robust Reading Competition's DocVQA / InfographicVQA scorer (``evaluate_method``).
+- ``pope``: LLaVA's ``llava/eval/eval_pope.py`` answer parsing and counts.
+- ``exact_match``: GQA as LLaVA scores it: ``scripts/convert_gqa_for_eval.py`` then GQA's official
+  ``eval.py`` (``predicted == gold``).
+- ``multiple_choice``: a letter parser for V* and RealWorldQA (no official scorer parses free text;
+  naming the option by its text counts, beyond the peers).
+
+Where an official scorer has a quirk, it is kept on purpose and said at that line ("quirk kept"):
+the numbers are meant to be the ones its authors' code prints. Tables of cases whose expected
+values come from running that code are in ``tests/test_official_scorers.py``.
 """
 
 from __future__ import annotations
@@ -50,19 +57,23 @@ _NUMBERS = {
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }  # fmt: skip
 _ARTICLES = {"a", "an", "the"}
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # quirk kept: "(?!<=" is a lookahead, as m4c writes it
+_COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
+# m4c passes re.UNICODE (== 32) as the third positional argument of Pattern.sub, which is
+# ``count``: at most 32 periods are stripped. Quirk kept.
+_PERIOD_STRIP_COUNT = int(re.UNICODE)
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 
 
 def _process_punctuation(text: str) -> str:
     out = text
     for p in _PUNCT:
+        # the condition looks at the text as it came in, not as replaced so far (as m4c does)
         if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
 
 
 def _process_digit_article(text: str) -> str:
@@ -72,14 +83,17 @@ def _process_digit_article(text: str) -> str:
 
 
 def normalize_vqa_answer(text: str) -> str:
-    """The EvalAI answer processor used by the TextVQA and VQA v2 evaluators."""
+    """m4c's ``EvalAIAnswerProcessor``: ``word_tokenize``, tabs and newlines to spaces, the
+    punctuation rule, number words to digits, articles dropped, contractions restored."""
     text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     text = text.replace("\n", " ").replace("\t", " ").strip()
     return _process_digit_article(_process_punctuation(text))
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Mean over the leave-one-out subsets of the human answers of min(1, matches / 3)."""
+    """m4c's ``TextVQAAccuracyEvaluator``: the mean over the leave-one-out subsets of the human
+    answers of min(1, matches / 3). m4c asserts ten answers; any number is taken here (the
+    same formula over n subsets)."""
     if not answers:
         raise ValueError("vqa_accuracy needs at least one reference answer")
     pred = normalize_vqa_answer(prediction)
@@ -97,17 +111,23 @@ def _anls_norm(text: str) -> str:
 
 
 def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
-    """1 - NL (normalised Levenshtein) against the closest answer, 0 when NL >= threshold."""
+    """The RRC scorer: 1 - NL against the closest answer, 0 when that is below ``threshold``.
+
+    NL = Levenshtein(normalised answer, normalised prediction) / max(len(answer.upper()),
+    len(prediction.upper())): the distance is taken between the lower-cased, whitespace-collapsed
+    strings, but it is divided by the lengths of the strings AS GIVEN, upper-cased (quirk kept:
+    surrounding spaces lengthen the divisor, "ß".upper() is two characters). A score of exactly
+    ``threshold`` is kept (the official test is ``score < threshold``): "12" for "13" scores 0.5.
+    Both empty: NL 0."""
     if not answers:
         raise ValueError("anls needs at least one reference answer")
     p = _anls_norm(prediction)
-    best = 0.0
+    nls = []
     for a in answers:
-        g = _anls_norm(a)
-        longest = max(len(p), len(g))
-        nl = editdistance.eval(p, g) / longest if longest else 0.0
-        best = max(best, 1.0 - nl if nl < threshold else 0.0)
-    return best
+        length = max(len(a.upper()), len(prediction.upper()))
+        nls.append(0.0 if length == 0 else editdistance.eval(_anls_norm(a), p) / length)
+    score = 1 - min(nls)
+    return 0.0 if score < threshold else score
 
 
 # ------------------------------------------------------------- multiple choice
@@ -118,12 +138,40 @@ def _mc_norm(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-def parse_choice(prediction: str, options: Sequence[str] | None = None, letters: str | None = None) -> str | None:
-    """The option letter a free-form ``prediction`` names, or ``None`` when it names none.
+def _named_options(norm: str, letters: str, options: Sequence[str]) -> set[str]:
+    """The letters of the options whose text occurs in ``norm`` as whole words; an option whose
+    text lies inside another named option's ("red" in "dark red") is not named by itself."""
+    padded = f" {norm} "
+    texts = {lt: _mc_norm(o) for lt, o in zip(letters, options) if _mc_norm(o)}
+    hits = {lt for lt, t in texts.items() if f" {t} " in padded}
+    return {lt for lt in hits if not any(o != lt and f" {texts[lt]} " in f" {texts[o]} " for o in hits)}
 
-    Accepts "B", "(B)", "B.", "B) cat", "B. cat", "Answer: B", "The answer is (B)", the
-    option's text itself, or a sentence holding exactly one candidate letter on its own.
-    """
+
+def _lone_letters(text: str, letters: str) -> set[str]:
+    """Capital letters standing alone in ``text`` that are option letters; not "I", and not the
+    article "A" before a lower-case word other than a verb ("A dog is ..." names no letter, "A is
+    right" does)."""
+    found = set()
+    for m in re.finditer(r"(?<![\w'])([A-Z])(?![\w'])", text):
+        x = m.group(1)
+        article = x == "A" and re.match(r"\s+[a-z]", text[m.end() :]) and not _VERB.match(text[m.end() :])
+        if x in letters and x != "I" and not article:
+            found.add(x)
+    return found
+
+
+_VERB = re.compile(r"\s+(?:is|was|seems|looks|appears|would|could|should|might|must|will|can)\b")
+
+
+def parse_choice(prediction: str, options: Sequence[str] | None = None, letters: str | None = None) -> str | None:
+    """The option letter a free-form ``prediction`` names, or ``None`` when it names none or
+    several.
+
+    Letters first: "B", "(B)", "B.", "Answer: B", "The answer is (B)", "option B", "B) cat",
+    "B. cat". Then the options' texts (when given): the prediction is one option's text, or names
+    exactly one option's text among its words ("The jacket is blue." -> the option "blue"); one
+    naming several scores as none. Last, a sentence holding exactly one candidate letter on its
+    own, not the article "A" before a word ("I pick C." -> C; "A dog." -> none)."""
     letters = letters or LETTERS[: len(options)] if options else (letters or "ABCD")
     text = prediction.strip()
     if not text:
@@ -131,9 +179,10 @@ def parse_choice(prediction: str, options: Sequence[str] | None = None, letters:
     m = re.fullmatch(r"\(?([A-Za-z])\)?[.:)]?", text)
     if m and m.group(1).upper() in letters:
         return m.group(1).upper()
-    m = re.search(r"answer(?:\s+is)?\s*[:：]?\s*\(?([A-Z])\)?(?![\w])", text, flags=re.IGNORECASE)
-    if m and m.group(1).upper() in letters:
-        return m.group(1).upper()
+    # the letter in capitals: "the answer is a red car" names no letter
+    m = re.search(r"\b(?i:answer|option|choice)(?:\s+(?i:is))?\s*[:：]?\s*\(?([A-Z])\)?(?![\w])", text)
+    if m and m.group(1) in letters:
+        return m.group(1)
     norm = _mc_norm(text)
     if options:
         for letter, opt in zip(letters, options):
@@ -145,22 +194,22 @@ def parse_choice(prediction: str, options: Sequence[str] | None = None, letters:
         if letter in letters:
             return letter
     if options:
-        padded = f" {norm} "
-        hits = {lt for lt, opt in zip(letters, options) if _mc_norm(opt) and f" {_mc_norm(opt)} " in padded}
-        if len(hits) == 1:
-            return hits.pop()
-    found = {x for x in re.findall(r"(?<![\w'])([A-Z])(?![\w'])", text) if x in letters and x != "I"}
+        named = _named_options(norm, letters, options)
+        if len(named) == 1:
+            return named.pop()
+        if named:  # several options named: no answer, not a lucky guess
+            return None
+    found = _lone_letters(text, letters)
     if len(found) == 1:
         return found.pop()
     return None
 
 
 def multiple_choice(prediction: str, options_or_letters: Sequence[str], answer: str) -> float:
-    """1.0 when the prediction names the correct option, else 0.0.
+    """1.0 when the prediction names the correct option (:func:`parse_choice`), else 0.0.
 
-    ``options_or_letters``: the option texts in order (lettered A, B, ...) or the letters;
-    ``answer``: the correct letter, or the correct option's text.
-    """
+    ``options_or_letters``: the option texts in order (lettered A, B, ...) or only the letters;
+    ``answer``: the correct letter, or the correct option's text."""
     is_letters = all(len(o) == 1 and o.isalpha() for o in options_or_letters)
     options = None if is_letters else list(options_or_letters)
     letters = "".join(o.upper() for o in options_or_letters) if is_letters else LETTERS[: len(options_or_letters)]
@@ -174,7 +223,9 @@ def multiple_choice(prediction: str, options_or_letters: Sequence[str], answer: 
 
 # ------------------------------------------------------------------------ POPE
 def pope_parse(prediction: str) -> str:
-    """LLaVA eval_pope.py: text before the first '.', commas removed; 'No'/'no'/'not' -> no."""
+    """``eval_pope.py``: the text before the first '.', commas removed, split on single spaces;
+    'No', 'no' or 'not' among the words -> no, else yes (quirks kept: "NO" and "" are yes,
+    "1.5 no" is yes since only "1" is left)."""
     text = prediction
     if "." in text:
         text = text.split(".")[0]
@@ -182,17 +233,30 @@ def pope_parse(prediction: str) -> str:
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 
-def pope(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 (positive = yes) and the yes-ratio of the PREDICTIONS."""
+def pope_label(label: str) -> str:
+    """``eval_pope.py`` reads a label 'no' as no and any other as yes."""
+    return "no" if label == "no" else "yes"
+
+
+def pope(predictions: Sequence[str | None], labels: Sequence[str]) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 (positive = yes) and the yes-ratio of the PREDICTIONS,
+    counted as ``eval_pope.py`` counts them.
+
+    A prediction of ``None`` (a sample that failed) is wrong in every count: the answer opposite
+    to its label (a false negative under 'yes', a false positive under 'no'), and it is left out
+    of the yes-ratio, which covers the answered samples only (``n_failed`` says how many).
+    Precision, recall or F1 with an empty denominator are 0.0 where the official code divides by
+    zero."""
     if len(predictions) != len(labels):
         raise ValueError("predictions and labels differ in length")
-    preds = [pope_parse(p) for p in predictions]
-    gold = [str(x).strip().lower() for x in labels]
+    gold = [pope_label(x) for x in labels]
+    preds = [pope_parse(p) if p is not None else ("no" if g == "yes" else "yes") for p, g in zip(predictions, gold)]
     tp = sum(p == "yes" and g == "yes" for p, g in zip(preds, gold))
     fp = sum(p == "yes" and g == "no" for p, g in zip(preds, gold))
     tn = sum(p == "no" and g == "no" for p, g in zip(preds, gold))
     fn = sum(p == "no" and g == "yes" for p, g in zip(preds, gold))
     n = len(preds)
+    answered = [pope_parse(p) for p in predictions if p is not None]
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -201,17 +265,19 @@ def pope(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
         "precision": precision,
         "recall": recall,
         "f1": f1,
-        "yes_ratio": sum(p == "yes" for p in preds) / n if n else 0.0,
+        "yes_ratio": sum(p == "yes" for p in answered) / len(answered) if answered else 0.0,
+        "n_failed": n - len(answered),
     }
 
 
 # ------------------------------------------------------------------ GQA, boxes
-def _gqa_norm(text: str) -> str:
-    return " ".join(text.strip().lower().rstrip(".").split())
-
-
 def exact_match(prediction: str, answer: str) -> float:
-    return float(_gqa_norm(prediction) == _gqa_norm(answer))
+    """GQA as LLaVA scores it: ``convert_gqa_for_eval.py`` writes ``text.rstrip('.').lower()``
+    (periods stripped before lower-casing, no whitespace stripped), then GQA's ``eval.py`` tests
+    ``predicted == gold`` on the gold answer as it is. The answer text is stripped when it is
+    decoded (as LLaVA's ``model_vqa_loader`` strips it), so "Yes." and "yes" match "yes" while
+    "the dog" does not match "dog"."""
+    return float(prediction.rstrip(".").lower() == answer)
 
 
 def free_form_match(prediction: str, answer: str) -> float:

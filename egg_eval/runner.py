@@ -120,7 +120,7 @@ def score_sample(spec: BenchmarkSpec, sample: Sample, prediction: str | None) ->
         choices = sample.options or option_letters(sample.question) or list("ABCD")
         return {"multiple_choice": M.multiple_choice(prediction, choices, sample.answers[0])}
     if spec.metric == "pope":
-        return {"pope": float(M.pope_parse(prediction) == sample.answers[0].strip().lower())}
+        return {"pope": float(M.pope_parse(prediction) == M.pope_label(sample.answers[0]))}
     if spec.metric == "exact_match":
         return {"exact_match": M.exact_match(prediction, sample.answers[0])}
     raise ValueError(f"unknown metric {spec.metric!r}")
@@ -190,10 +190,13 @@ def aggregate(records: list[dict], spec: BenchmarkSpec) -> dict[str, Any]:
         per = {}
         for sub in sorted({r["subset"] for r in scored}):
             rs = [r for r in scored if r["subset"] == sub]
-            per[sub] = M.pope([r["prediction"] or "" for r in rs], [r["answers"][0] for r in rs])
+            # a failed sample (its error recorded) is wrong in every count and in no yes-ratio
+            preds = [r["prediction"] if r["error"] is None else None for r in rs]
+            per[sub] = M.pope(preds, [r["answers"][0] for r in rs])
         out["pope_splits"] = per
         for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
             out[f"pope_{k}"] = sum(p[k] for p in per.values()) / len(per)
+        out["pope_n_failed"] = sum(p["n_failed"] for p in per.values())
         out["score"] = out["pope_accuracy"]
     elif scored:
         out["score"] = sum(r["metrics"][spec.metric] for r in scored) / len(scored)

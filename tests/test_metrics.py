@@ -61,7 +61,8 @@ def test_vqa_accuracy(pred, answers, acc):
         ("Hello World", ["hello  world"], 1.0),
         ("helo world", ["hello world"], 1 - 1 / 11),
         ("abc", ["xyz"], 0.0),
-        ("abcd", ["abxy"], 0.0),  # NL = 0.5 is not < 0.5
+        ("abcd", ["abxy"], 0.5),  # a score of exactly 0.5 is kept (the RRC test is score < 0.5)
+        ("abcde", ["vwxyz"], 0.0),
         ("abcde", ["abxde"], 0.8),
         ("12", ["twelve", "12 "], 1.0),  # best over answers
         ("", ["x"], 0.0),
@@ -93,10 +94,26 @@ OPTS = ["cat", "dog", "a red car", "blue"]
         ("I don't know", "A", 0.0),
         ("A or B", "A", 0.0),  # two letters: unparseable, not a lucky guess
         ("", "A", 0.0),
+        ("The animal is a dog.", "B", 1.0),  # names exactly one option by its text
+        ("It is blue.", "D", 1.0),
+        ("a cat or a dog", "A", 0.0),  # names two options: none
+        ("a cat or a dog", "B", 0.0),
+        ("The answer is a red car", "C", 1.0),  # "a" after "answer is" is the article, not the letter A
+        ("A dog.", "B", 1.0),  # the article A before option B's text
+        ("A is correct", "A", 1.0),
+        ("I think B is right", "B", 1.0),
+        ("a green bird", "A", 0.0),  # names no option, and "a" is no letter
     ],
 )
 def test_multiple_choice(pred, gold, ok):
     assert multiple_choice(pred, OPTS, gold) == ok
+
+
+def test_a_named_option_inside_another_named_option_is_not_named_twice():
+    opts = ["red", "dark red", "blue"]
+    assert multiple_choice("It is dark red.", opts, "B") == 1.0
+    assert multiple_choice("It is red.", opts, "A") == 1.0
+    assert multiple_choice("red and blue", opts, "A") == 0.0
 
 
 def test_multiple_choice_with_letters_and_text_answer():
@@ -119,7 +136,18 @@ def test_pope_counts_and_yes_ratio_of_predictions():
     assert pope(["yes"] * 4, ["no"] * 4)["yes_ratio"] == 1.0
 
 
-@pytest.mark.parametrize(("p", "a", "ok"), [("Yes.", "yes", 1), ("left ", "left", 1), ("the table", "table", 0)])
+def test_a_failed_pope_sample_is_wrong_everywhere_and_in_no_yes_ratio():
+    preds = ["yes", "no", None, None]  # the two failures: gold yes, gold no
+    labels = ["yes", "no", "yes", "no"]
+    m = pope(preds, labels)
+    # counted as the answer opposite to their label: tp=1 tn=1 fn=1 fp=1
+    assert m["accuracy"] == 0.5 and m["precision"] == 0.5 and m["recall"] == 0.5 and m["f1"] == 0.5
+    assert m["yes_ratio"] == 0.5 and m["n_failed"] == 2  # of the two answered, one yes
+    # an empty prediction is an answer ("" reads as yes, as eval_pope reads it), a failure is not
+    assert pope(["", "no"], ["no", "no"])["yes_ratio"] == 0.5 and pope([None, "no"], ["no", "no"])["yes_ratio"] == 0.0
+
+
+@pytest.mark.parametrize(("p", "a", "ok"), [("Yes.", "yes", 1), ("left ", "left", 0), ("the table", "table", 0)])
 def test_exact_match(p, a, ok):
     assert exact_match(p, a) == ok
 
