@@ -67,6 +67,20 @@ def refiner(maps, stopping="spatial_entropy", **kw):
     return Refiner(FakeBackbone(kw.pop("conf", ())), IMG, "q", cfg, saliency_fn=script), script
 
 
+def test_a_rise_of_the_spatial_entropy_is_named_so():
+    # round 0: whole -> one blob (score 20, H = 0); round 1: its crop holds two blobs, the first
+    # (score 30) above the whole image's: H_t = ln 2 > 0 -> a rise
+    rising = blobs((1, 1, 2, 15.0), (6, 5, 2, 2.5))
+    trace = refiner([ONE, rising])[0].run()
+    assert [round(x.spatial_entropy, 6) for x in trace.rounds] == [0.0, round(math.log(2), 6)]
+    assert trace.stop_reason == "entropy_rose"
+    # round 0: H = ln 2; round 1: both crops' best blobs tie with the whole image's, which ranks
+    # first: H_t = ln 2 again -> stopped as a tie, which is not a rise
+    trace = refiner([TWO, TWO, TWO])[0].run()
+    assert [round(x.spatial_entropy, 6) for x in trace.rounds] == [round(math.log(2), 6)] * 2
+    assert trace.stop_reason == "entropy_tied"
+
+
 def test_spatial_entropy_stops_when_entropy_no_longer_decreases():
     # round 0: whole -> H=ln2 ; round 1: crops A (one blob, score 20 -> top, H=0) and B ;
     # round 2: views = whole, crop of A, and A again (the whole image's best blob): A is
@@ -74,7 +88,7 @@ def test_spatial_entropy_stops_when_entropy_no_longer_decreases():
     r, script = refiner([TWO, ONE, TWO, TWO, TWO])
     trace = r.run()
     assert [round(x.spatial_entropy, 6) for x in trace.rounds] == [round(math.log(2), 6), 0.0, 0.0]
-    assert trace.stop_reason == "entropy_rose"
+    assert trace.stop_reason == "entropy_tied"  # H_t == H_prev stops (Alg. 1: H_t >= H_prev), not a rise
     assert trace.final_views == trace.rounds[2].views  # Alg. 1 returns I_t
     assert trace.rounds[2].views[2] == trace.rounds[1].views[1]
     assert len(script.calls) == 4  # whole, A, B, crop of A: nothing grounded twice
@@ -145,7 +159,7 @@ def test_trace_on_real_tiny_models_stays_in_bounds(tiny_backbones, family, size)
     assert isinstance(text, str)
     w, h = size
     whole = Box(0, 0, w, h)
-    assert trace.rounds and trace.stop_reason in {"entropy_rose", "max_rounds", "no_region"}
+    assert trace.rounds and trace.stop_reason in {"entropy_rose", "entropy_tied", "max_rounds", "no_region"}
     for rnd in trace.rounds:
         assert rnd.views[0] == whole
         for v in rnd.views:

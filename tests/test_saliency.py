@@ -73,12 +73,38 @@ def test_objectives_by_hand():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     h = -sum(p * math.log(p) for p in [0.5, 0.3, 0.15, 0.05])
     assert float(entropy(logits)) == pytest.approx(h, rel=1e-6)
-    # nucleus at 0.9: {0.5, 0.3, 0.15} (0.95 >= 0.9), renormalised
-    q = np.array([0.5, 0.3, 0.15]) / 0.95
+    # nucleus at 0.9: {0.5, 0.3, 0.15} (0.95 >= 0.9); the full distribution's terms, not renormalised
+    q = np.array([0.5, 0.3, 0.15])
     assert float(entropy_top_p(logits, 0.9)) == pytest.approx(-(q * np.log(q)).sum(), rel=1e-6)
-    # nucleus at 0.5: the top token alone -> entropy 0
-    assert float(entropy_top_p(logits, 0.5)) == pytest.approx(0.0, abs=1e-7)
+    # nucleus at 0.5: the top token alone -> its own term -0.5 log 0.5, not 0
+    assert float(entropy_top_p(logits, 0.5)) == pytest.approx(-0.5 * math.log(0.5), rel=1e-6)
     assert float(max_prob(logits)) == pytest.approx(math.log(0.5), rel=1e-6)
+
+
+def test_a_confident_sample_still_gets_an_entropy_top_p_map(tiny_backbones):
+    """A top-1 probability >= 0.9 makes the nucleus one token: renormalised, its entropy would be
+    0 with a zero gradient (no map, the plain model's answer); the reference's sum keeps a map."""
+    bb = tiny_backbones["llava15"]
+    img = noise_image(150, 120, seed=3)
+    boost = torch.zeros(bb.model.lm_head.out_features)
+
+    def raise_one_token(module, args, out):  # a constant on one logit: the map's gradient is the model's
+        return out + boost.to(out.dtype)
+
+    handle = bb.model.lm_head.register_forward_hook(raise_one_token)
+    try:
+        for c in range(0, 40):  # token 7's logit raised until it holds 90-99% of the mass
+            boost[7] = float(c)
+            g = token_saliency(bb, img, Q, objective="entropy_top_p")
+            if 0.9 <= g.first_token_max_prob < 0.99:
+                break
+    finally:
+        handle.remove()
+    assert 0.9 <= g.first_token_max_prob < 0.99
+    assert np.isfinite(g.scores).all() and g.scores.max() > 0
+    # the objective is the one token's own term, -p log p
+    p = g.first_token_max_prob
+    assert g.objective_value == pytest.approx(-p * math.log(p), rel=1e-4)
 
 
 def test_objectives_give_different_maps_and_no_parameter_grads(tiny_backbones, family):

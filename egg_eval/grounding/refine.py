@@ -248,8 +248,8 @@ class Refiner:
             if not selected:
                 trace.stop_reason = "no_region"
                 break
-            if c.stopping == "spatial_entropy" and h_t >= h_prev:
-                trace.stop_reason = "entropy_rose"
+            if c.stopping == "spatial_entropy" and h_t >= h_prev:  # Alg. 1: stop on H_t >= H_prev
+                trace.stop_reason = "entropy_rose" if h_t > h_prev else "entropy_tied"
                 break
             h_prev, prev_views = h_t, views
             views = [self.whole] + [r.box for r in selected]

@@ -28,15 +28,18 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_top_p(logits: torch.Tensor, p: float = 0.9) -> torch.Tensor:
-    """Entropy over the nucleus: the fewest most-probable tokens whose mass reaches ``p``,
-    renormalised to sum to one. The set is chosen without gradient; the entropy of the
-    renormalised probabilities is differentiable (Tab. 3, 'Entropy Top-P')."""
+    """The entropy terms -p(y) log p(y) of the FULL next-token distribution, summed over its
+    nucleus: the fewest most-probable tokens whose mass reaches ``p`` (Tab. 3, 'Entropy Top-P').
+
+    Not renormalised over the nucleus, as the paper's reference code computes it
+    (``entropyTopP`` in its ``utils.py``): a nucleus of one token (top-1 >= ``p``) still has the
+    non-zero term -p log p and so a gradient, where renormalising would give exactly 0 and no
+    map. The set is chosen without gradient; the terms are differentiable."""
     probs = torch.softmax(logits.float(), dim=-1)
     sorted_p, order = probs.sort(descending=True)
     keep = int(torch.searchsorted(sorted_p.detach().cumsum(0), torch.tensor(p, device=probs.device)).item()) + 1
     nucleus = probs[order[:keep]]
-    q = nucleus / nucleus.sum()
-    return -(q * torch.log(q.clamp_min(1e-30))).sum()
+    return -(nucleus * torch.log(nucleus.clamp_min(1e-30))).sum()
 
 
 def max_prob(logits: torch.Tensor) -> torch.Tensor:
