@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from egg_eval.config_check import FAMILY_SETTINGS, check_config
-from egg_eval.data.benchmarks import BenchmarkSpec
+from egg_eval.config_check import FAMILY_SETTINGS, ConfigError, check_config, check_layer
+from egg_eval.data.specs import spec_from_config
+from egg_eval.outputs import RunInfo, failures_text, score_text
+from egg_eval.runs import expected_total, run_dir, run_fingerprint, run_id, sample_set
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -25,37 +29,10 @@ def shard_of(cfg: DictConfig) -> tuple[int, int]:
     sh = cfg.get("shard") or {}
     index, count = int(sh.get("index", 0)), int(sh.get("count", 1))
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"shard.index must be in 0..shard.count-1 and shard.count >= 1, got {index} of {count}")
+        raise ConfigError(
+            f"config shard.index must be in 0..shard.count-1 and shard.count >= 1, got {index} of {count}"
+        )
     return index, count
-
-
-# Settings a sample's record does not depend on: where outputs go and how they are shown,
-# which samples run (limit, shard), the device, the speed options that are exact by
-# construction, and the checkpoint's path (its weights are fingerprinted instead).
-NOT_IN_RESULT = (
-    "progress",
-    "output_root",
-    "output_dir",
-    "cache_dir",
-    "pictures",
-    "logger",
-    "shard",
-    "dataset.limit",
-    "backbone.device",
-    "backbone.attn_implementation",
-    "backbone.sdpa_cudnn",
-    "backbone.path",
-    "method.batch_views",
-    "method.reuse_features",
-    "method.reuse_prefix",
-    "method.checkpoint_layers",
-    "method.activation_memory_gb",
-    "method.lean_activations",
-    "deterministic",
-    "retry_failed",
-    "max_failures_in_a_row",
-    "prefetch",
-)
 
 
 def fix_cublas_workspace() -> None:
@@ -82,116 +59,78 @@ def set_deterministic(on: bool) -> None:
     torch.backends.cudnn.deterministic = on
 
 
-def run_fingerprint(resolved: dict, model: dict) -> dict:
-    """What a run's records depend on (compared on resume): the resolved settings less
-    :data:`NOT_IN_RESULT`, and the weights' identity (``Backbone.fingerprint``)."""
-    from egg_eval.runner import flatten
-
-    settings = {
-        k: v for k, v in flatten(resolved).items() if not any(k == x or k.startswith(x + ".") for x in NOT_IN_RESULT)
-    }
-    return {"settings": settings, "model": model}
-
-
-def run_id(cfg: DictConfig) -> str:
-    """A stable folder name from the settings that change results (the key for resume)."""
-    m, s = cfg.method, cfg.stopping
-    protocol = "_likelihood" if cfg.dataset.get("protocol") == "likelihood" else ""
-    if m.name == "vanilla":
-        return "vanilla" + protocol
-    layer = "last" if m.layer is None else m.layer
-    stop = s.name if s.get("n") is None else f"{s.name}{s.n}"
-    return f"egg_{m.objective}_k{m.top_k}_L{layer}_t{m.token_index}_s{m.sigma}_{stop}{protocol}"
-
-
-def _boxes_kwargs(boxes) -> dict:
-    """``dataset.boxes`` (a side dataset of evidence boxes joined by id) -> BenchmarkSpec fields."""
-    if not boxes:
-        return {}
-    return {
-        "boxes_id": boxes.get("hf_id"),
-        "boxes_split": boxes.get("split", "train"),
-        "boxes_key": boxes.get("key", "dataset_id"),
-        "boxes_column": boxes.get("column", "bbox"),
-        "boxes_format": boxes.get("format", "xywh"),
-        "boxes_path": boxes.get("path"),
-    }
-
-
-def spec_from_config(d) -> BenchmarkSpec:
-    """The ``dataset`` config group as a :class:`BenchmarkSpec`."""
-    from egg_eval.data.benchmarks import BenchmarkSpec
-
-    return BenchmarkSpec(
-        name=d.name,
-        hf_id=d.hf_id,
-        split=d.split,
-        metric=d.metric,
-        kind=d.kind,
-        config_name=d.get("config_name"),
-        revision=d.get("revision"),
-        columns=dict(d.get("columns") or {}),
-        splits=tuple(d.get("splits") or ()),
-        images_id=d.get("images_id"),
-        images_config=d.get("images_config"),
-        images_split=d.get("images_split"),
-        submission=d.get("submission"),
-        bbox_format=d.get("bbox_format", "xyxy"),
-        max_pixels=d.get("max_pixels"),
-        **_boxes_kwargs(d.get("boxes")),
-    )
-
-
 def egg_config(cfg: DictConfig):
     """The :class:`EggConfig` of ``cfg.method`` and ``cfg.stopping`` (``None`` for vanilla);
     its own checks refuse a setting out of range."""
-    from egg_eval.grounding.refine import EggConfig
     from egg_eval.grounding.regions import RegionParams
+    from egg_eval.grounding.settings import EggConfig
 
     m, s = cfg.method, cfg.stopping
     if m.name == "vanilla":
         return None
-    return EggConfig(
-        objective=m.objective,
-        token_index=m.token_index,
-        layer=m.layer,
-        regions=RegionParams(sigma=m.sigma, top_k=m.top_k, max_aspect=m.max_aspect, min_size=m.min_size),
-        stopping=s.name,
-        n_rounds=1 if s.get("n") is None else s.n,
-        max_rounds=m.max_rounds,
-        batch_views=m.get("batch_views", True),
-        reuse_features=m.get("reuse_features", True),
-        reuse_prefix=m.get("reuse_prefix", True),
-        checkpoint_layers=m.get("checkpoint_layers", False),
-        activation_memory_gb=m.get("activation_memory_gb", "auto"),
-        lean_activations=m.get("lean_activations", "auto"),
-    )
+    try:
+        return EggConfig(
+            objective=m.objective,
+            token_index=m.token_index,
+            layer=m.layer,
+            regions=RegionParams(sigma=m.sigma, top_k=m.top_k, max_aspect=m.max_aspect, min_size=m.min_size),
+            stopping=s.name,
+            n_rounds=1 if s.get("n") is None else s.n,
+            max_rounds=m.max_rounds,
+            batch_views=m.get("batch_views", True),
+            reuse_features=m.get("reuse_features", True),
+            reuse_prefix=m.get("reuse_prefix", True),
+            checkpoint_layers=m.get("checkpoint_layers", False),
+            activation_memory_gb=m.get("activation_memory_gb", "auto"),
+            lean_activations=m.get("lean_activations", "auto"),
+        )
+    except ValueError as e:  # the dataclass's range checks, said as config errors
+        raise ConfigError(f"config {e}") from None
 
 
-def build(cfg: DictConfig):
-    """Backbone, spec, samples and the method callable from a composed config."""
-    import torch
+def method_for(backbone, egg, protocol: str = "generate"):
+    """The runner's method on ``backbone``: the plain model where ``egg`` is None (method=vanilla),
+    else EGG with those settings; answering by generation or, under ``protocol="likelihood"``,
+    by the option of the prompt's "(A) ..." lines with the lowest loss after its stem, which is
+    then also the question EGG grounds (the model is asked the stem alone)."""
+    from egg_eval.data.prompts import split_options
+    from egg_eval.grounding.refine import answer_by_likelihood, answer_with_views, run_egg, run_vanilla
 
-    from egg_eval.backbones import BACKBONES, load_backbone
+    if egg is not None:
+        backbone.check_layer(egg.layer)
+
+    def method(image, text):
+        answer = answer_with_views
+        if protocol == "likelihood":
+            text, letters, texts = split_options(text)
+            answer = functools.partial(answer_by_likelihood, options=(letters, texts))
+        if egg is None:
+            return run_vanilla(backbone, image, text, answer=answer)
+        return run_egg(backbone, image, text, egg, answer=answer)
+
+    return method
+
+
+def _checkpoint_path(cfg: DictConfig) -> str | None:
     from egg_eval.backbones.tiny import save_tiny
-    from egg_eval.data.benchmarks import iter_samples
-    from egg_eval.data.toy import subset_dirname, write_toy_subset
     from egg_eval.files import built_once
 
-    # before anything loads: a mistyped setting fails now, not on every sample
-    check_config(cfg)
-    egg = egg_config(cfg)
-    answer = answer_for(cfg)
-    torch.manual_seed(cfg.seed)
-    set_deterministic(bool(cfg.get("deterministic", False)))
     b = cfg.backbone
-    path = b.path
     if b.get("tiny"):
-        path = built_once(Path(cfg.cache_dir) / f"tiny_{b.family}", lambda out: save_tiny(b.family, out, seed=cfg.seed))
+        return str(
+            built_once(Path(cfg.cache_dir) / f"tiny_{b.family}", lambda out: save_tiny(b.family, out, seed=cfg.seed))
+        )
+    return str(b.path) if b.path else None
+
+
+def _load(cfg: DictConfig, path: str | None):
+    from egg_eval.backbones import BACKBONES, load_backbone
+
+    b = cfg.backbone
     try:
-        backbone = load_backbone(
+        return load_backbone(
             b.family,
-            str(path) if path else None,
+            path,
             dtype=b.dtype,
             device=b.device,
             revision=b.get("revision"),
@@ -203,7 +142,7 @@ def build(cfg: DictConfig):
             **{k: b[k] for k in FAMILY_SETTINGS if b.get(k) is not None},
         )
     except OSError as e:  # transformers' message does not say which model it was loading
-        source = str(path) if path else BACKBONES[b.family].default_path
+        source = path or BACKBONES[b.family].default_path
         hint = (
             ""
             if Path(source).is_dir()
@@ -211,60 +150,70 @@ def build(cfg: DictConfig):
             "backbone.path=<dir>."
         )
         raise OSError(f"could not load backbone {b.name!r} from {source!r}: {e}{hint}") from e
+
+
+def _data(cfg: DictConfig, spec):
+    """The spec and the local path its rows are read from: ``dataset.path``, or for a toy subset
+    without one its rows written offline under ``cache_dir``."""
+    from egg_eval.data.toy import subset_dirname, write_toy_subset
+    from egg_eval.files import built_once
+
     d = cfg.dataset
-    spec = spec_from_config(d)
-    data_path = d.get("path")
-    if d.get("toy"):
+    path = Path(d.path).expanduser() if d.get("path") else None
+    if d.get("toy") and path is None:
         n = d.get("toy_n") or 4
-        data_path = built_once(
-            Path(cfg.cache_dir) / "toy" / subset_dirname(d.toy, n), lambda out: write_toy_subset(d.toy, out, n=n)
+        path = built_once(
+            Path(cfg.cache_dir) / "toy" / subset_dirname(d.toy, n), lambda o: write_toy_subset(d.toy, o, n=n)
         )
-        if spec.boxes_id:  # the toy writes its side dataset of boxes next to the rows
-            spec = dataclasses.replace(spec, boxes_path=str(data_path / "gt_bbox"))
-    # images are decoded by the runner, for the samples it runs only (not those of other shards or already done)
-    path = str(data_path) if data_path else None
-    samples = iter_samples(spec, split=d.split, path=path, limit=d.get("limit"), decode=False)
+    if d.get("toy") and spec.boxes_id and (path / "gt_bbox").is_dir():  # a toy's side dataset of boxes
+        spec = dataclasses.replace(spec, boxes_path=str(path / "gt_bbox"))
+    return spec, (str(path) if path else None)
+
+
+def _quiet_downloads() -> None:
+    """No progress bars of the weights' and rows' loading: the run's own bar is the one shown."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def build(cfg: DictConfig):
+    """Backbone, spec, samples and the method callable from a composed config."""
+    # before anything loads (torch included): a mistyped setting fails now, not on every sample
+    check_config(cfg)
+    egg = egg_config(cfg)
     index, count = shard_of(cfg)
+    b = cfg.backbone
+    if egg is not None and b.path and not b.get("tiny"):  # against the checkpoint's config.json
+        check_layer(egg.layer, b.path, b.get("revision"))
+    import torch
+
+    from egg_eval.backbones import BACKBONES
+    from egg_eval.data.benchmarks import iter_samples
+
+    _quiet_downloads()
+    spec, data_path = _data(cfg, spec_from_config(cfg.dataset))
+    path = _checkpoint_path(cfg)
+    if egg is not None and not b.path:  # a tiny test model (built just now) or the family's default
+        check_layer(egg.layer, path or BACKBONES[b.family].default_path, b.get("revision"))
+    torch.manual_seed(cfg.seed)
+    set_deterministic(bool(cfg.get("deterministic", False)))
+    backbone = _load(cfg, path)
+    # images are decoded by the runner, for the samples it runs only (not those of other shards or already done)
+    samples = iter_samples(spec, split=spec.split, path=data_path, limit=cfg.dataset.get("limit"), decode=False)
     if count > 1:  # sample i of the stream goes to shard i % count
         samples = (s for i, s in enumerate(samples) if i % count == index)
-    return backbone, spec, samples, method_for(backbone, egg, answer)
-
-
-def answer_for(cfg: DictConfig):
-    """The answer pass of ``dataset.protocol``: generated text, or the likeliest option."""
-    from egg_eval.grounding.refine import answer_by_likelihood, answer_with_views
-
-    protocol = cfg.dataset.get("protocol") or "generate"
-    if protocol not in ("generate", "likelihood"):
-        raise ValueError(f"dataset.protocol must be 'generate' or 'likelihood', got {protocol!r}")
-    return answer_by_likelihood if protocol == "likelihood" else answer_with_views
-
-
-def method_for(backbone, egg, answer):
-    """The runner's method on ``backbone``: the plain model where ``egg`` is None (method=vanilla),
-    else EGG with those settings; either answering with ``answer`` (:func:`answer_for`)."""
-    from egg_eval.grounding.refine import run_egg, run_vanilla
-
-    if egg is None:
-
-        def method(image, text):
-            return run_vanilla(backbone, image, text, answer=answer)
-    else:
-        backbone.check_layer(egg.layer)
-
-        def method(image, text):
-            return run_egg(backbone, image, text, egg, answer=answer)
-
-    return method
+    return backbone, spec, samples, method_for(backbone, egg, spec.protocol)
 
 
 def main(cfg: DictConfig) -> dict:
     from egg_eval.loggers import WandbLogger, folder_run_id
-    from egg_eval.runner import RunInfo, failures_text, run, score_text
+    from egg_eval.runner import run
 
     backbone, spec, samples, method = build(cfg)
-    default_out = Path(cfg.output_root) / "runs" / spec.name / backbone.name / run_id(cfg)
-    out = Path(cfg.output_dir) if cfg.output_dir else default_out
+    out = run_dir(cfg, spec, backbone.name)
     index, count = shard_of(cfg)
     if count > 1:  # each shard in its own folder; `python -m egg_eval.merge <out>` joins them
         out = out / f"shard-{index}-of-{count}"
@@ -297,19 +246,11 @@ def main(cfg: DictConfig) -> dict:
         max_failures_in_a_row=cfg.get("max_failures_in_a_row", 50),
         prefetch=cfg.get("prefetch", 4),
         fingerprint=run_fingerprint(resolved, backbone.fingerprint()),
+        total=expected_total(cfg.dataset, spec, (index, count)),
+        sample_set=sample_set(spec, cfg.dataset.get("limit")),
     )
     summary = run(samples, method, info, loggers)
-    log.info(
-        "%s %s %s: %s = %s over %d samples (%d failures) -> %s",
-        spec.name,
-        backbone.name,
-        cfg.method.name,
-        spec.metric,
-        summary.get("score"),
-        summary["n_samples"],
-        summary["n_failures"],
-        out,
-    )
+    summary["output_dir"] = str(out)
     print(
         f"{spec.name} | {backbone.name} | {run_id(cfg)} | {score_text(summary)} "
         f"| samples {summary['n_samples']} | {failures_text(summary)} | "
@@ -320,11 +261,17 @@ def main(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
+    from egg_eval.runner import RunInterrupted
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()
-    main(cfg)
+    try:
+        main(cfg)
+    except ConfigError as e:  # one line, no traceback: the key and what it takes
+        print(f"egg_eval: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RunInterrupted as e:
+        print(f"\negg_eval: interrupted; {e}; rerun the same command to resume.", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("\negg_eval: interrupted before the first sample; nothing was recorded.", file=sys.stderr)
+        sys.exit(130)

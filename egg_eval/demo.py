@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from egg_eval import metrics as M
 from egg_eval.backbones.base import Backbone
 from egg_eval.cli import CONFIG_DIR
-from egg_eval.data.benchmarks import OPEN_SUFFIX
+from egg_eval.data.prompts import OPEN_SUFFIX
 from egg_eval.grounding.refine import EggConfig, answer_with_views, run_egg, run_vanilla
 from egg_eval.grounding.regions import RegionParams
 from egg_eval.types import Box

@@ -1,7 +1,7 @@
 """Files and folders written so that a run killed at any point (``kill -9``) leaves either
 the old or the new, never a torn one: outputs rewritten whole (summary, submission, gallery,
 pictures) and folders built once and reused (the toy datasets, the tiny test checkpoints).
-``records.jsonl``, which is appended to, has its own rule (``runner.read_records``), and
+``records.jsonl``, which is appended to, has its own rule (``records.read_records``), and
 one writer at a time (:func:`folder_lock`)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -137,3 +138,8 @@ def folder_lock(folder: Path) -> Iterator[None]:
             yield
         finally:
             _flock(f, fcntl.LOCK_UN)
+
+
+def safe_name(sample_id: str) -> str:
+    """A file name for a sample id (ids may hold '/', e.g. POPE's 'adversarial/12')."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(sample_id))[:150]

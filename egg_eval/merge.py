@@ -19,16 +19,17 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from egg_eval.data.specs import spec_from_config
 from egg_eval.files import folder_lock, write_atomic
-from egg_eval.runner import (
+from egg_eval.outputs import RunInfo, failures_text, finalize, score_text
+from egg_eval.records import (
     MANIFEST,
-    RunInfo,
+    RECORDS,
     check_manifest,
-    failures_text,
-    finalize,
     fingerprint_changes,
     read_records,
-    score_text,
+    write_manifest,
+    write_records,
 )
 
 SHARD = re.compile(r"^shard-(\d+)-of-(\d+)$")
@@ -65,7 +66,7 @@ def _merge(run_dir: Path, shards: dict, n: int, tables_dir: str | Path | None) -
             raise ValueError(
                 f"shard {i} was run with other settings or another model than shard 0: {'; '.join(changes)}"
             )
-    per_shard = [read_records(shards[i][1] / "records.jsonl") for i in range(n)]
+    per_shard = [read_records(shards[i][1] / RECORDS) for i in range(n)]
     unfinished = [i for i in range(n) if not (shards[i][1] / "summary.json").exists()]
     if unfinished:
         raise RuntimeError(f"shards {unfinished} have not finished (no summary.json); rerun them to resume")
@@ -80,7 +81,8 @@ def _merge(run_dir: Path, shards: dict, n: int, tables_dir: str | Path | None) -
                 merged.append(rec)
     if prints[0]:
         check_manifest(run_dir, prints[0])
-    write_atomic(run_dir / "records.jsonl", "".join(json.dumps(rec) + "\n" for rec in merged))
+        write_manifest(run_dir, prints[0])
+    write_records(run_dir / RECORDS, merged)
     pics = run_dir / "pictures"
     for i in range(n):
         for png in (shards[i][1] / "pictures").glob("*.png"):
@@ -88,8 +90,6 @@ def _merge(run_dir: Path, shards: dict, n: int, tables_dir: str | Path | None) -
             shutil.copy2(png, pics / png.name)
     first = json.loads((shards[0][1] / "summary.json").read_text())
     config = first["config"]
-    from egg_eval.cli import spec_from_config
-
     spec = spec_from_config(OmegaConf.create(config["dataset"]))
     if tables_dir is None:
         tables_dir = Path(config.get("output_root", "results")) / "tables"
@@ -104,6 +104,7 @@ def _merge(run_dir: Path, shards: dict, n: int, tables_dir: str | Path | None) -
         model_revision=first.get("model_revision"),
         decoding=first.get("decoding"),
         fingerprint=prints[0],
+        sample_set=first.get("sample_set") or {},
     )
     summary = finalize(run_dir, info)
     summary["n_shards"] = n

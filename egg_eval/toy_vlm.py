@@ -66,8 +66,8 @@ from transformers import (
 )
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from egg_eval.data.benchmarks import MC_SUFFIX, OPEN_SUFFIX
 from egg_eval.data.detail import COLOURS, PAIR, SINGLE, Square, question, scene
+from egg_eval.data.prompts import MC_SUFFIX, OPEN_SUFFIX
 
 # 12x12 tokens of 27 px over a 320 px scene: EGG's regions are unions of whole cells, and the
 # 8x8 grid of the previous toy (40 px cells for 52-64 px squares) capped a region's IoU with

@@ -10,12 +10,13 @@ the model sees them. Only PIL and numpy.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from egg_eval.files import safe_name, write_atomic
+from egg_eval.records import RECORDS, read_records
 from egg_eval.types import Trace
 
 SELECTED = [(230, 30, 30), (255, 140, 0), (200, 0, 200), (0, 160, 255)]
@@ -119,18 +120,9 @@ def sample_figure(image: Image.Image, trace: Trace, evidence=None, panel: int = 
 
 def write_gallery(out_dir: str | Path, records_path: str | Path | None = None, title: str = "egg_eval run") -> Path:
     """``out_dir/gallery.html``: every ``pictures/*.png`` of a run beside its record."""
-    from egg_eval.runner import safe_name  # the pictures' file names: the lookup must use the same
-
     out = Path(out_dir)
-    records = {}
-    rp = Path(records_path) if records_path else out / "records.jsonl"
-    if rp.exists():
-        for line in rp.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            records[safe_name(r.get("id"))] = r
+    rp = Path(records_path) if records_path else out / RECORDS
+    records = {safe_name(r.get("id")): r for r in read_records(rp)}  # the pictures' names are safe_name's
     rows = []
     for png in sorted((out / "pictures").glob("*.png")):
         r = records.get(png.stem, {})
@@ -149,6 +141,4 @@ def write_gallery(out_dir: str | Path, records_path: str | Path | None = None, t
         "of the round. Thick red / orange: the selected regions, best first. Green: ground-truth evidence.</p>"
         + "".join(rows)
     )
-    from egg_eval.files import write_atomic
-
     return write_atomic(out / "gallery.html", page)

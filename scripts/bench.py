@@ -206,8 +206,8 @@ def child(args):
     import torch
     from PIL import Image
 
-    from egg_eval.data.benchmarks import OPEN_SUFFIX
     from egg_eval.data.detail import rows
+    from egg_eval.data.prompts import OPEN_SUFFIX
     from egg_eval.grounding.refine import EggConfig, run_egg, run_vanilla
     from egg_eval.grounding.saliency import token_saliency
     from egg_eval.profiling import count_flops, profile_phases

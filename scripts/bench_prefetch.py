@@ -67,8 +67,9 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from egg_eval.cli import CONFIG_DIR, answer_for, build, egg_config, method_for, spec_from_config
+    from egg_eval.cli import CONFIG_DIR, build, egg_config, method_for
     from egg_eval.data.benchmarks import iter_samples
+    from egg_eval.data.specs import spec_from_config
     from egg_eval.runner import RunInfo, run
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_prefetch_"))
@@ -107,13 +108,13 @@ def main() -> None:
             backbone, spec, _, method_fn = build(cfg)  # the model loaded once per method
         else:
             backbone, spec = real, spec_from_config(cfg.dataset)
-            method_fn = method_for(real, egg_config(cfg), answer_for(cfg))
+            method_fn = method_for(real, egg_config(cfg), spec.protocol)
 
         loops: dict[int, list[float]] = {d: [] for d in depths}
         model: dict[int, list[float]] = {d: [] for d in depths}
         for rep in range(args.repeats):
             for depth in depths:  # interleaved, so that the machine's drift falls on every depth alike
-                samples = iter_samples(spec, split=cfg.dataset.split, path=str(data), decode=False)
+                samples = iter_samples(spec, split=spec.split, path=str(data), decode=False)
                 info = RunInfo(
                     output_dir=tmp / "runs" / f"{method}-{depth}-{rep}",
                     spec=spec,

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from egg_eval.backbones import load_backbone
-from egg_eval.data.benchmarks import OPEN_SUFFIX
 from egg_eval.data.detail import rows
+from egg_eval.data.prompts import OPEN_SUFFIX
 from egg_eval.demo import HELD_OUT_SEED
 from egg_eval.grounding.saliency import token_saliency
 from egg_eval.toy_vlm import CHECKPOINT, evidence_tokens

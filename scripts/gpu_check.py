@@ -115,8 +115,8 @@ def repeat_runs(bb, n: int, deterministic: bool) -> tuple[int, int, float]:
     samples the answers differ, on how many the crops (any round's kept boxes, or the final
     views), and the largest gap between the maps of the samples whose crops agree."""
     from egg_eval.cli import set_deterministic
-    from egg_eval.data.benchmarks import OPEN_SUFFIX
     from egg_eval.data.detail import rows
+    from egg_eval.data.prompts import OPEN_SUFFIX
     from egg_eval.grounding.refine import EggConfig, run_egg
 
     set_deterministic(deterministic)
@@ -154,8 +154,8 @@ def check(
     from bench import load
 
     from egg_eval.cli import set_deterministic
-    from egg_eval.data.benchmarks import OPEN_SUFFIX
     from egg_eval.data.detail import rows
+    from egg_eval.data.prompts import OPEN_SUFFIX
     from egg_eval.grounding.refine import EggConfig, run_egg, run_vanilla
     from egg_eval.grounding.saliency import token_saliency, token_saliency_batch
 

@@ -59,8 +59,9 @@ def _check(bb, family: str, large: int, context: int) -> None:
     from gpu_check import MemoryPeak, crops
     from PIL import Image
 
-    from egg_eval.data.benchmarks import OPEN_SUFFIX, BenchmarkSpec, Sample
+    from egg_eval.data.benchmarks import BenchmarkSpec, Sample
     from egg_eval.data.detail import rows
+    from egg_eval.data.prompts import OPEN_SUFFIX
     from egg_eval.grounding.refine import EggConfig, run_egg
     from egg_eval.runner import RunInfo, read_records, run
 

@@ -44,3 +44,20 @@ def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 assert set(BACKBONES) == set(FAMILIES)
+
+
+def interrupt_after(monkeypatch, n: int) -> None:
+    """Make the next run stop as Ctrl-C would after ``n`` samples recorded (the runner's next
+    sample raises KeyboardInterrupt): the way to leave a run folder half done."""
+    import egg_eval.runner as R
+
+    real, calls = R._one, []
+
+    def one(*args, **kw):
+        if len(calls) == n:
+            monkeypatch.setattr(R, "_one", real)
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(R, "_one", one)

@@ -75,7 +75,7 @@ def test_unknown_choice_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("dataset", TOYS)
 def test_run_on_each_toy_subset_writes_all_outputs(tmp_path, dataset):
     summary = main(cfg_for(tmp_path, f"dataset={dataset}", "method.max_rounds=2"))
-    run_dir = next((tmp_path / "runs").glob(f"{dataset}/*/*"))
+    run_dir = next((tmp_path / "runs").glob(f"{dataset}/*/*/*"))
     recs = [json.loads(x) for x in (run_dir / "records.jsonl").read_text().splitlines()]
     n = 12 if dataset == "pope_toy" else 4
     assert len(recs) == n == summary["n_samples"] and summary["n_failures"] == 0
@@ -114,7 +114,7 @@ def test_run_on_each_toy_subset_writes_all_outputs(tmp_path, dataset):
 def test_submission_written_for_split_without_answers(tmp_path):
     summary = main(cfg_for(tmp_path, "dataset=docvqa_toy", "dataset.split=test", "method=vanilla"))
     assert summary["score"] is None and summary["n_samples"] == 4
-    run_dir = next((tmp_path / "runs").glob("docvqa_toy/*/*"))
+    run_dir = next((tmp_path / "runs").glob("docvqa_toy/*/*/*"))
     assert [r["questionId"] for r in json.loads((run_dir / "submission_rrc.json").read_text())] == [
         5000,
         5001,
@@ -125,15 +125,16 @@ def test_submission_written_for_split_without_answers(tmp_path):
 
 def test_resume_continues_without_loss_or_double_scoring(tmp_path):
     full = main(cfg_for(tmp_path / "a", "dataset=detail_toy", "method.max_rounds=2"))
-    main(cfg_for(tmp_path / "b", "dataset=detail_toy", "method.max_rounds=2", "dataset.limit=2"))
-    run_dir = next((tmp_path / "b" / "runs").glob("*/*/*"))
-    with open(run_dir / "records.jsonl", "a") as f:
-        f.write('{"id": "d9", "question": "torn')  # a killed write
+    main(cfg_for(tmp_path / "b", "dataset=detail_toy", "method.max_rounds=2"))
+    run_dir = next((tmp_path / "b" / "runs").glob("*/*/*/*"))
+    lines = (run_dir / "records.jsonl").read_text().splitlines(keepends=True)
+    # as a run killed after two samples, in the middle of writing the third
+    (run_dir / "records.jsonl").write_text("".join(lines[:2]) + '{"id": "d9", "question": "torn')
     resumed = main(cfg_for(tmp_path / "b", "dataset=detail_toy", "method.max_rounds=2"))
     ids = [json.loads(x)["id"] for x in (run_dir / "records.jsonl").read_text().splitlines()]
     assert ids == [f"detail-2000-{i}" for i in range(4)]
     assert resumed["score"] == full["score"] and resumed["n_samples"] == full["n_samples"] == 4
-    a = [json.loads(x)["prediction"] for x in next((tmp_path / "a" / "runs").glob("*/*/*/records.jsonl")).open()]
+    a = [json.loads(x)["prediction"] for x in next((tmp_path / "a" / "runs").glob("*/*/*/*/records.jsonl")).open()]
     b = [json.loads(x)["prediction"] for x in (run_dir / "records.jsonl").open()]
     assert a == b
 
@@ -142,14 +143,14 @@ def test_resume_refuses_records_of_other_data(tmp_path):
     """A run folder written for other data under the same ids (e.g. a regenerated toy set)
     is not silently mixed in: the rerun stops with a clear error and the file is untouched."""
     main(cfg_for(tmp_path, "dataset=detail_toy", "method.max_rounds=2", "dataset.limit=2"))
-    rec = next((tmp_path / "runs").glob("*/*/*/records.jsonl"))
+    rec = next((tmp_path / "runs").glob("*/*/*/*/records.jsonl"))
     lines = rec.read_text().splitlines()
     first = json.loads(lines[0])
     first["question"] = "What is the sum of the digits in the red and blue squares?"
     stale = "\n".join([json.dumps(first), *lines[1:]]) + "\n"
     rec.write_text(stale)
     with pytest.raises(ValueError, match="the data changed"):
-        main(cfg_for(tmp_path, "dataset=detail_toy", "method.max_rounds=2"))
+        main(cfg_for(tmp_path, "dataset=detail_toy", "method.max_rounds=2", "dataset.limit=2"))
     assert rec.read_text() == stale
 
 
@@ -185,7 +186,7 @@ def test_corrupt_image_and_empty_question_are_recorded_and_the_run_completes(tmp
     summary = main(
         cfg_for(tmp_path, "dataset=detail_toy", "~dataset.toy", f"dataset.path={data}", "method.max_rounds=2")
     )
-    recs = {json.loads(x)["id"]: json.loads(x) for x in next((tmp_path / "runs").glob("*/*/*/records.jsonl")).open()}
+    recs = {json.loads(x)["id"]: json.loads(x) for x in next((tmp_path / "runs").glob("*/*/*/*/records.jsonl")).open()}
     assert recs["ok"]["error"] is None
     assert "corrupt" in recs and recs["corrupt"]["error"] and recs["corrupt"]["prediction"] is None
     assert "empty question" in recs["empty"]["error"]
@@ -256,7 +257,7 @@ def test_attention_implementation_is_a_backbone_setting(tmp_path):
     )
     assert build(eager)[0].model.config._attn_implementation == "eager"
     first = main(cfg)
-    run_dir = next((tmp_path / "runs").glob("*/*/*"))
+    run_dir = next((tmp_path / "runs").glob("*/*/*/*"))
     preds = [json.loads(x)["prediction"] for x in (run_dir / "records.jsonl").open()]
     (run_dir / "records.jsonl").unlink()
     again = main(eager)  # into the same folder: the attention kernel is not part of the result's identity
@@ -270,7 +271,8 @@ def test_cudnn_attention_is_off_unless_asked_for(tmp_path):
     slower), on when asked; it is not part of a result's identity, like the kernel choice."""
     import torch
 
-    from egg_eval.cli import NOT_IN_RESULT, build
+    from egg_eval.cli import build
+    from egg_eval.runs import NOT_IN_RESULT
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
     try:
@@ -364,8 +366,10 @@ def test_deterministic_mode_is_set_for_the_run_and_may_change_on_resume(tmp_path
         f"output_dir={tmp_path / 'run'}",
     )
     try:
-        main(cfg_for(tmp_path, *args, "deterministic=true", "dataset.limit=2"))
+        main(cfg_for(tmp_path, *args, "deterministic=true"))
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        records = tmp_path / "run" / "records.jsonl"
+        records.write_text("".join(records.read_text().splitlines(keepends=True)[:2]))  # as if killed after two
         main(cfg_for(tmp_path, *args))  # resumes the same folder with it off
         assert not torch.are_deterministic_algorithms_enabled()
     finally:

@@ -213,7 +213,8 @@ RWQA_OPEN = "Please answer directly with a single word or number."
     ],
 )
 def test_multiple_choice_prompts_replace_the_datasets_instruction(question, prompt):
-    from egg_eval.data.benchmarks import Sample, prompt_for
+    from egg_eval.data.benchmarks import Sample
+    from egg_eval.data.prompts import prompt_for
 
     assert prompt_for(Sample(id="1", question=question, image=None, answers=["A"]), "mc") == prompt
 
@@ -232,7 +233,7 @@ def test_multiple_choice_prompts_replace_the_datasets_instruction(question, prom
 )
 def test_a_multiple_choice_benchmark_scores_its_free_form_questions_by_their_text(question, answer, prediction, score):
     from egg_eval.data.benchmarks import BenchmarkSpec, Sample
-    from egg_eval.runner import score_sample
+    from egg_eval.scoring import score_sample
 
     spec = BenchmarkSpec(name="rwqa", hf_id="x", split="test", metric="multiple_choice")
     sample = Sample(id="1", question=question, image=None, answers=[answer])
@@ -246,7 +247,7 @@ def test_free_form_match(p, a, ok):
 
 def test_a_gold_answer_the_metric_cannot_read_fails_that_sample_only():
     from egg_eval.data.benchmarks import BenchmarkSpec, Sample
-    from egg_eval.runner import make_record
+    from egg_eval.scoring import make_record
 
     spec = BenchmarkSpec(name="rwqa", hf_id="x", split="test", metric="multiple_choice")
     rec = make_record(
@@ -274,6 +275,6 @@ def test_a_gold_answer_the_metric_cannot_read_fails_that_sample_only():
     ],
 )
 def test_error_kind_drops_what_varies_per_sample(error, kind):
-    from egg_eval.runner import error_kind
+    from egg_eval.scoring import error_kind
 
     assert error_kind(error) == kind

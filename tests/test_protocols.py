@@ -10,7 +10,8 @@ from conftest import noise_image
 from test_harness import cfg_for
 
 from egg_eval.cli import main
-from egg_eval.grounding.refine import answer_by_likelihood, split_options
+from egg_eval.data.prompts import split_options
+from egg_eval.grounding.refine import answer_by_likelihood
 from egg_eval.types import Box
 
 
@@ -77,7 +78,7 @@ def test_vstar_likelihood_protocol_runs_and_is_named_in_results(tmp_path):
     summary = main(
         cfg_for(tmp_path, "backbone=tiny", "dataset=vstar_toy", "dataset.protocol=likelihood", "method.max_rounds=2")
     )
-    run_dir = next((tmp_path / "runs").glob("vstar_toy/*/*"))
+    run_dir = next((tmp_path / "runs").glob("vstar_toy/*/*/*"))
     assert run_dir.name.endswith("_likelihood")
     recs = [json.loads(x) for x in (run_dir / "records.jsonl").read_text().splitlines()]
     assert all(r["prediction"] in {"A", "B", "C", "D"} and r["error"] is None for r in recs)
@@ -89,7 +90,7 @@ def test_vstar_likelihood_protocol_runs_and_is_named_in_results(tmp_path):
 
 def test_textvqa_boxes_are_joined_by_question_id_and_give_iou(tmp_path):
     main(cfg_for(tmp_path, "backbone=tiny", "dataset=textvqa_toy", "method.max_rounds=2"))
-    run_dir = next((tmp_path / "runs").glob("textvqa_toy/*/*"))
+    run_dir = next((tmp_path / "runs").glob("textvqa_toy/*/*/*"))
     recs = [json.loads(x) for x in (run_dir / "records.jsonl").read_text().splitlines()]
     with_crop = [r for r in recs if len(r["final_views"]) > 1]
     assert with_crop, "EGG made no crop on any toy sample"
@@ -117,8 +118,8 @@ def test_a_local_copy_of_a_hub_dataset_is_read_from_its_config_folder(tmp_path):
     testdev-*), as the hub names them."""
     import shutil
 
-    from egg_eval.cli import spec_from_config
     from egg_eval.data.benchmarks import iter_samples
+    from egg_eval.data.specs import spec_from_config
     from egg_eval.data.toy import write_toy_subset
 
     hub = tmp_path / "hub"

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import interrupt_after
 from omegaconf import OmegaConf
 from PIL import Image
 from test_harness import cfg_for
 
 from egg_eval.cli import CONFIG_DIR, main
 from egg_eval.merge import merge
+from egg_eval.runner import RunInterrupted
 from egg_eval.viz import paint_map, sample_figure
 
 STABLE = ("id", "prediction", "metrics", "localisation", "rounds", "final_views", "stop_reason")
@@ -26,10 +28,10 @@ def _records(path: Path) -> list[dict]:
 def test_shards_merge_into_the_unsharded_run(tmp_path):
     base = ["backbone=tiny", "dataset=textvqa_toy", "method.max_rounds=2"]
     full = main(cfg_for(tmp_path / "full", *base))
-    full_dir = next((tmp_path / "full" / "runs").glob("*/*/*"))
+    full_dir = next((tmp_path / "full" / "runs").glob("*/*/*/*"))
     for i in range(3):  # 3 shards over 4 samples: one shard gets 2, two get 1
         main(cfg_for(tmp_path / "sh", *base, "shard.count=3", f"shard.index={i}"))
-    run_dir = next((tmp_path / "sh" / "runs").glob("*/*/*"))
+    run_dir = next((tmp_path / "sh" / "runs").glob("*/*/*/*"))
     assert sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("shard")) == [
         "shard-0-of-3",
         "shard-1-of-3",
@@ -54,7 +56,7 @@ def test_shards_merge_into_the_unsharded_run(tmp_path):
 
 def test_merge_refuses_a_missing_shard_and_a_bad_index(tmp_path, capsys):
     main(cfg_for(tmp_path, "backbone=tiny", "dataset=detail_toy", "method=vanilla", "shard.count=2", "shard.index=1"))
-    run_dir = next((tmp_path / "runs").glob("*/*/*"))
+    run_dir = next((tmp_path / "runs").glob("*/*/*/*"))
     with pytest.raises(FileNotFoundError, match=r"shards \[0\] of 2 are missing"):
         merge(run_dir)
     # from the command line: the reason in one line and exit status 2, not a traceback
@@ -76,7 +78,7 @@ def test_paint_map_puts_each_cell_value_on_its_box():
 
 def test_a_run_draws_pictures_and_a_gallery(tmp_path):
     main(cfg_for(tmp_path, "backbone=tiny", "dataset=pope_toy", "method.max_rounds=2", "pictures=2"))
-    run_dir = next((tmp_path / "runs").glob("*/*/*"))
+    run_dir = next((tmp_path / "runs").glob("*/*/*/*"))
     pngs = sorted((run_dir / "pictures").glob("*.png"))
     assert len(pngs) == 2 and all("/" not in p.name for p in pngs)  # POPE ids hold '/'
     page = (run_dir / "gallery.html").read_text()
@@ -119,8 +121,8 @@ def test_wandb_offline_logs_a_run_with_pictures(tmp_path, monkeypatch):
 
 
 def test_a_resumed_run_logs_into_the_same_wandb_run_with_every_record(tmp_path, monkeypatch):
-    """Killed (here: cut short by dataset.limit) and resumed, a run folder keeps its wandb
-    run id, and the final samples table holds all its records, not only the resumed part's."""
+    """Interrupted (Ctrl-C) and resumed, a run folder keeps its wandb run id, and the final
+    samples table holds all its records, not only the resumed part's."""
     import wandb
 
     from egg_eval.loggers import ID_FILE
@@ -138,16 +140,18 @@ def test_a_resumed_run_logs_into_the_same_wandb_run_with_every_record(tmp_path, 
 
     monkeypatch.setattr(wandb, "Table", Recorded)
     args = ("backbone=tiny", "dataset=detail_toy", "logger=wandb", "pictures=0", "method.max_rounds=2")
-    main(cfg_for(tmp_path, *args, "dataset.limit=2"))
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(RunInterrupted, match="2 records kept"):
+        main(cfg_for(tmp_path, *args))
     summary = main(cfg_for(tmp_path, *args))
     assert summary["n_samples"] == 4
-    run_id = next((tmp_path / "runs").glob(f"*/*/*/{ID_FILE}")).read_text()
+    run_id = next((tmp_path / "runs").glob(f"*/*/*/*/{ID_FILE}")).read_text()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(f"-{run_id}" in r.name for r in runs)  # "-1" added when in the same second
-    assert [len(t) for t in tables] == [2, 4]
+    assert [len(t) for t in tables] == [4]  # the interrupted run logged its records, not a final table
     other = tmp_path / "other"
     main(cfg_for(other, *args, "dataset.limit=1"))  # another folder: another wandb run
-    assert next((other / "runs").glob(f"*/*/*/{ID_FILE}")).read_text() != run_id
+    assert next((other / "runs").glob(f"*/*/*/*/{ID_FILE}")).read_text() != run_id
 
 
 def test_slurm_launcher_config():
@@ -266,7 +270,7 @@ def test_merge_refuses_shards_run_with_other_settings(tmp_path):
     base = ["backbone=tiny", "dataset=detail_toy", "method=vanilla", "shard.count=2"]
     main(cfg_for(tmp_path, *base, "shard.index=0"))
     main(cfg_for(tmp_path, *base, "shard.index=1", "backbone.max_new_tokens=3"))
-    run_dir = next((tmp_path / "runs").glob("*/*/*"))
+    run_dir = next((tmp_path / "runs").glob("*/*/*/*"))
     with pytest.raises(ValueError, match=r"shard 1 .*backbone\.max_new_tokens: 8 -> 3"):
         merge(run_dir)
     assert not (run_dir / "records.jsonl").exists()
@@ -283,7 +287,7 @@ def test_a_sweep_runs_through_the_submitit_launcher(tmp_path):
     cmd += ["hydra/launcher=submitit_local", "progress=false", "pictures=0", f"output_root={tmp_path / 'out'}"]
     cmd += [f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-    summaries = sorted((tmp_path / "out" / "runs").glob("*/*/*/summary.json"))
+    summaries = sorted((tmp_path / "out" / "runs").glob("*/*/*/*/summary.json"))
     assert [p.parent.name.split("_")[2] for p in summaries] == ["k1", "k2"]
     assert all(json.loads(p.read_text())["n_samples"] == 4 for p in summaries)
     assert len(list((tmp_path / "sweep" / ".submitit").rglob("*_result.pkl"))) == 2  # submitit ran both jobs

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from egg_eval.backbones import load_backbone
-from egg_eval.data.benchmarks import OPEN_SUFFIX
 from egg_eval.data.detail import PAIR, SINGLE, question, rows, scene
+from egg_eval.data.prompts import OPEN_SUFFIX
 from egg_eval.demo import TOY_SIGMA
 from egg_eval.toy_vlm import (
     CHECKPOINT,
@@ -142,7 +142,7 @@ def test_the_builtin_default_is_the_trained_toy_on_detail(tmp_path):
     assert summary["n_samples"] == 12 and summary["n_failures"] == 0
     # the rows are cached under the generator's version: an older cache is never reused
     assert (Path(cfg.cache_dir) / "toy" / f"detail_12_v{VERSIONS['detail']}" / "test.parquet").exists()
-    run_dir = next((tmp_path / "runs").glob("detail/toy_llava/*"))
+    run_dir = next((tmp_path / "runs").glob("detail/*/toy_llava/*"))
     assert len(list((run_dir / "pictures").glob("*.png"))) == 8 and (run_dir / "gallery.html").exists()
 
 

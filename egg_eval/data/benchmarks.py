@@ -1,27 +1,23 @@
-"""Benchmarks as data: where to stream them from, which columns mean what, how to prompt
-and how to score. Rows are streamed (``datasets``, ``streaming=True``); images are
-decoded here, one at a time, so a corrupt image becomes a per-sample error instead of
-stopping the stream.
+"""Benchmarks as data: where to stream them from, which columns mean what, and how to score.
+Rows are streamed (``datasets``, ``streaming=True``); each image is decoded when its sample
+runs (:meth:`Sample.load`), so a corrupt image becomes a per-sample error instead of stopping
+the stream.
 """
 
 from __future__ import annotations
 
-import glob
-import io
 import logging
-import re
-import threading
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-OPEN_SUFFIX = "Answer the question using a single word or phrase."
-MC_SUFFIX = "Answer with the option's letter from the given choices directly."
-KINDS = ("open", "mc", "pope")
+from egg_eval.data.annotations import RepoFiles, annotate
+from egg_eval.data.images import decode_oriented, orient_box
+from egg_eval.data.local import no_decode, open_stream
+
 log = logging.getLogger("egg_eval")
 
 
@@ -45,6 +41,7 @@ class BenchmarkSpec:
     images_config: str | None = None
     images_split: str | None = None
     submission: str | None = None  # evalai | rrc | gqa
+    protocol: str = "generate"  # or "likelihood": the answer is the option with the lowest loss
     bbox_format: str = "xyxy"  # or "xywh"
     # ground-truth boxes kept in a separate dataset, joined by sample id (TextVQA:
     # jrzhang/TextVQA_GT_bbox, key dataset_id = question_id, bbox [x, y, w, h])
@@ -53,7 +50,12 @@ class BenchmarkSpec:
     boxes_key: str = "dataset_id"
     boxes_column: str = "bbox"
     boxes_format: str = "xywh"
+    # the pixel frame the side dataset's boxes were drawn in: "upright" (as the model sees the
+    # image) or "stored" (the image file's pixels before its EXIF orientation; turned with it)
+    boxes_frame: str = "upright"
     boxes_path: str | None = None
+    # per-row annotation files beside the images (V*: ".json"; egg_eval.data.annotations)
+    annotations: str | None = None
     max_pixels: int | None = None  # decompression-bomb limit; None = PIL's Image.MAX_IMAGE_PIXELS
 
 
@@ -67,6 +69,11 @@ class Sample:
     bbox: list[list[float]] | None = None  # ground-truth evidence boxes, [x0, y0, x1, y1] px
     subset: str | None = None
     error: str | None = None
+    # the pixel frame of ``bbox``: "upright" (the image as the model sees it, EXIF orientation
+    # applied) or "stored" (the image's pixels as stored, before it); "stored" boxes are turned
+    # upright with the image when it is decoded
+    bbox_frame: str = "upright"
+    orientation: int | None = None  # the EXIF orientation the decoded image was turned by (1: none)
     # the image column's value before decoding, and decode_image's other arguments: a sample
     # the run skips (already in records.jsonl, another shard's) is never decoded (:meth:`load`)
     raw: Any = field(default=None, repr=False, compare=False)
@@ -76,184 +83,15 @@ class Sample:
         """Decode the image (once); a failure becomes the sample's ``error``, as any bad input."""
         if self.image is None and self.error is None and self.raw is not None:
             try:
-                self.image = decode_image(self.raw, *self.decode_args)
+                self.image, self.orientation, stored = decode_oriented(self.raw, *self.decode_args)
             except Exception as e:  # recorded per sample; the stream goes on
                 self.error = f"{type(e).__name__}: {e}"
+            else:
+                if self.bbox and self.bbox_frame == "stored" and self.orientation != 1:
+                    self.bbox = [orient_box(b, self.orientation, stored) for b in self.bbox]
+                    self.bbox_frame = "upright"
             self.raw = None
         return self
-
-
-# decode_image raises PIL's global decompression-bomb limit while it opens an image that
-# dataset.max_pixels allows above it: one thread at a time (the runner decodes ahead in one)
-_PIL_LIMIT = threading.Lock()
-
-
-def _open_image(value: Any, max_pixels: int | None, base: Path | None) -> tuple[Image.Image, int | None]:
-    """The image of ``value``, opened (its header read, not decoded), and the pixel limit."""
-    limit = max_pixels or Image.MAX_IMAGE_PIXELS
-    pil_limit = Image.MAX_IMAGE_PIXELS
-    if max_pixels and pil_limit and max_pixels > pil_limit:  # a larger limit asked for: PIL must not refuse first
-        Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if isinstance(value, Image.Image):
-                return value, limit
-            if isinstance(value, dict) and value.get("bytes") is not None:
-                return Image.open(io.BytesIO(value["bytes"])), limit
-            if isinstance(value, dict) and value.get("path"):
-                return Image.open(_resolve(value["path"], base)), limit
-            if isinstance(value, str) and value.strip():
-                return Image.open(_resolve(value.strip(), base)), limit
-            if isinstance(value, (bytes, bytearray)):
-                return Image.open(io.BytesIO(value)), limit
-            raise ValueError(f"no image in value of type {type(value).__name__}")
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"decompression-bomb guard: {e}") from None
-    except UnidentifiedImageError:  # PIL's message names only a BytesIO object
-        data = value.get("bytes") if isinstance(value, dict) else value
-        raw = isinstance(data, (bytes, bytearray))
-        what = f"{len(data)} bytes starting {bytes(data[:8])!r}" if raw else repr(value)
-        raise ValueError(f"not an image PIL can read: {what}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = pil_limit
-
-
-def decode_image(value: Any, max_pixels: int | None = None, base: Path | None = None) -> Image.Image:
-    """PIL image from a datasets Image value (decoded or ``{'bytes', 'path'}``) or a file path
-    (a string column; a relative path is taken from ``base``, the local dataset's folder),
-    RGB, EXIF-upright.
-
-    Grayscale, palette, RGBA, CMYK and 16-bit images are converted to RGB (16-bit scaled
-    to 8). An image above ``max_pixels`` (default: PIL's decompression-bomb limit,
-    ``Image.MAX_IMAGE_PIXELS``) is refused from its header, before it is decoded."""
-    with _PIL_LIMIT:  # opening reads only the header; decoding (below) runs unlocked
-        img, limit = _open_image(value, max_pixels, base)
-    w, h = img.size
-    if limit and w * h > limit:
-        raise ValueError(
-            f"decompression-bomb guard: image is {w}x{h} = {w * h} pixels, above the limit of {limit} "
-            "(raise dataset.max_pixels to allow it)"
-        )
-    img.load()  # raises here on truncated or corrupt data
-    img = ImageOps.exif_transpose(img)
-    if img.mode == "I;16" or img.mode == "I":
-        img = img.point(lambda v: v / 256).convert("L")
-    img = img.convert("RGB")
-    if min(img.size) < 1:
-        raise ValueError(f"empty image {img.size}")
-    return img
-
-
-# a dataset's own answering instruction at the end of its question text (RealWorldQA's:
-# "Please answer directly with only the letter of the correct option and nothing else." and
-# "Please answer directly with a single word or number."); the paper's prompt replaces it
-_OWN_INSTRUCTION = re.compile(r"\s*Please answer directly\b[^\n]*$", re.IGNORECASE)
-
-
-def option_letters(question: str) -> list[str]:
-    """The option letters listed in a question's text: one option per line ("A. ...",
-    "(B) ...", "C) ..."), else in a run ("... (A) red (B) blue")."""
-    per_line = re.findall(r"(?m)^\s*\(?([A-J])[).]\s", question)
-    if per_line:
-        return per_line
-    inline = re.findall(r"\(([A-J])\)\s", question)
-    return inline if inline[:2] == ["A", "B"] else []
-
-
-def is_free_form(sample: Sample) -> bool:
-    """A multiple-choice benchmark's question without options (RealWorldQA has some): no
-    options column and none listed in its text. For scoring, :func:`scored_as_text` also
-    looks at the answer."""
-    return not sample.options and not option_letters(sample.question)
-
-
-def scored_as_text(sample: Sample) -> bool:
-    """A free-form question (:func:`is_free_form`) whose answer is not a lone letter: scored by
-    its text. A lone-letter answer keeps letter scoring (options in a layout not recognised)."""
-    gold = sample.answers[0].strip().strip("()") if sample.answers else ""
-    return is_free_form(sample) and not (len(gold) == 1 and gold.isalpha())
-
-
-def prompt_for(sample: Sample, kind: str) -> str:
-    """The paper's Appendix G prompts (the chat template is applied by the backbone): the
-    question, for multiple choice its options, then the paper's instruction in place of the
-    dataset's own. A multiple-choice benchmark's question without options gets the open-ended
-    instruction."""
-    q = _OWN_INSTRUCTION.sub("", sample.question.strip())
-    if kind == "mc" and not is_free_form(sample):
-        if sample.options and not re.search(r"\(A\)", q):
-            q += "\n" + "\n".join(f"({chr(65 + i)}) {o}" for i, o in enumerate(sample.options))
-        return f"{q}\n{MC_SUFFIX}" if MC_SUFFIX.lower() not in q.lower() else q
-    return f"{q}\n{OPEN_SUFFIX}"
-
-
-def _resolve(path: str, base: Path | None) -> Path:
-    if re.match(r"^[a-z][a-z0-9+.-]*://", path, re.I):
-        raise ValueError(f"image {path!r} is a URL: images are read from files or bytes, not fetched")
-    p = Path(path).expanduser()
-    return base / p if base is not None and not p.is_absolute() else p
-
-
-def _split_dirs(root: Path, config: str | None) -> list[Path]:
-    """Where a local copy of a hub dataset keeps a split's parquet files, most specific first:
-    ``<config>/`` (``hf download <id> --repo-type dataset --local-dir <root>`` of a dataset with
-    configs: lmms-lab's DocVQA/, Full/ of POPE, testdev_balanced_instructions/ of GQA), the
-    folder itself, ``data/`` (a dataset without configs)."""
-    return [d for d in ([root / config] if config else []) + [root, root / "data"] if d.is_dir()]
-
-
-def split_files(root: Path, config: str | None, split: str) -> list[Path]:
-    """The parquet files of ``split`` in the first of :func:`_split_dirs` that has any: named
-    ``<split>.parquet`` or ``<split>-NNNNN-of-NNNNN.parquet`` as the hub names them (so that
-    split ``test`` never takes ``testdev-*``), else, for other layouts, ``<split>_*.parquet``
-    or ``<split>.*.parquet`` (never a longer split's name: ``test`` is not ``testdev``)."""
-    for d in _split_dirs(root, config):
-        files = sorted({*d.glob(f"{glob.escape(split)}.parquet"), *d.glob(f"{glob.escape(split)}-*.parquet")})
-        if files:
-            return files
-    for d in _split_dirs(root, config):
-        files = sorted({*d.glob(f"{glob.escape(split)}_*.parquet"), *d.glob(f"{glob.escape(split)}.*.parquet")})
-        if files:
-            return files
-    return []
-
-
-def _open_stream(source: str, config: str | None, split: str, revision: str | None, path: str | None):
-    from datasets import Image as ImageFeature  # noqa: F401  (imported for side effects of features)
-    from datasets import load_dataset, load_from_disk
-
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"dataset.path {path} does not exist")
-        if p.is_dir() and (p / split).is_dir() and any((p / split).glob("*.arrow")):
-            return load_from_disk(str(p / split)).to_iterable_dataset()
-        if p.is_dir() and (p / "dataset_info.json").exists():
-            return load_from_disk(str(p)).to_iterable_dataset()
-        files = split_files(p, config, split) if p.is_dir() else [p]
-        if not files:
-            dirs = _split_dirs(p, config)
-            there = sorted({re.sub(r"-\d+-of-\d+$", "", f.stem) for d in dirs for f in d.glob("*.parquet")})
-            raise FileNotFoundError(
-                f"no {split}.parquet or {split}-*.parquet in {', '.join(str(d) for d in dirs)}"
-                + (
-                    f"; the splits there: {', '.join(there)} (dataset.split=...)"
-                    if there
-                    else "; no parquet files there"
-                )
-            )
-        return load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
-    return load_dataset(source, config, split=split, revision=revision, streaming=True)
-
-
-def _no_decode(ds, column: str):
-    from datasets import Image as ImageFeature
-
-    features = getattr(ds, "features", None)
-    if features is not None and column in features and isinstance(features[column], ImageFeature):
-        return ds.cast_column(column, ImageFeature(decode=False))
-    return ds
 
 
 def _col(row: dict, spec: BenchmarkSpec, key: str, required: bool = True):
@@ -288,9 +126,10 @@ def iter_samples(
     subsets = spec.splits or (None,)
     answers = spec.columns.get("answers", "answers")
     base = None if path is None else (Path(path) if Path(path).is_dir() else Path(path).parent)  # for relative paths
+    files = RepoFiles(spec.hf_id, spec.revision, base) if spec.annotations else None
     for subset in subsets:
-        ds = _no_decode(
-            _open_stream(spec.hf_id, spec.config_name, subset or split, spec.revision, path),
+        ds = no_decode(
+            open_stream(spec.hf_id, spec.config_name, subset or split, spec.revision, path),
             spec.columns.get("image", "image"),
         )
         images = _gqa_images(spec, split, path) if spec.images_id or spec.images_split else None
@@ -308,8 +147,10 @@ def iter_samples(
             if spec.columns.get("id") == "__index__":
                 row = {**row, "__index__": count - 1}
             sample = _to_sample(row, spec, subset, images, base)
-            if boxes is not None and sample.bbox is None:
-                sample.bbox = boxes.get(sample.id)
+            if files is not None and sample.error is None:
+                annotate(sample, files, spec)
+            if boxes is not None and sample.bbox is None and sample.id in boxes:
+                sample.bbox, sample.bbox_frame = boxes[sample.id], spec.boxes_frame
             yield sample.load() if decode else sample
 
 
@@ -317,8 +158,10 @@ def gt_boxes(spec: BenchmarkSpec) -> dict[str, list[list[float]]]:
     """The side dataset of evidence boxes as {sample id: [[x0, y0, x1, y1], ...]}.
 
     A value of four numbers is one box; a list of such is several. Rows whose key or box
-    is missing are skipped (those samples simply get no IoU)."""
-    ds = _open_stream(spec.boxes_id or "", None, spec.boxes_split, None, spec.boxes_path)
+    is missing are skipped (those samples simply get no IoU). Only the key and box columns
+    are read: the side dataset's images (jrzhang/TextVQA_GT_bbox has them) are never decoded."""
+    columns = [spec.boxes_key, spec.boxes_column]
+    ds = open_stream(spec.boxes_id or "", None, spec.boxes_split, None, spec.boxes_path, columns=columns)
     out: dict[str, list[list[float]]] = {}
     for row in ds:
         key, value = row.get(spec.boxes_key), row.get(spec.boxes_column)
@@ -336,8 +179,8 @@ def gt_boxes(spec: BenchmarkSpec) -> dict[str, list[list[float]]]:
 
 def _gqa_images(spec: BenchmarkSpec, split: str, path: str | None) -> dict[str, Any]:
     images_split = spec.images_split or split
-    ds = _open_stream(spec.images_id or spec.hf_id, spec.images_config, images_split, spec.revision, path)
-    ds = _no_decode(ds, "image")
+    ds = open_stream(spec.images_id or spec.hf_id, spec.images_config, images_split, spec.revision, path)
+    ds = no_decode(ds, "image")
     return {str(r["id"]): r["image"] for r in ds}
 
 

@@ -72,8 +72,13 @@ def _write(rows: dict, path: Path) -> None:
 
 # Bumped when a generator's rows change, so that a cache written by an older version is not
 # reused (detail v2: the two-region question asks for the larger digit, no longer the sum;
-# v3: digits drawn 6x10 px instead of 9x15, for the toy's 96 px input instead of 64).
-VERSIONS = {"detail": 3, "rwqa": 2}  # bumped when a generator changes: caches of the old rows are not reused
+# v3: digits drawn 6x10 px instead of 9x15, for the toy's 96 px input instead of 64; vstar v2: V*'s own
+# layout of images, annotation files and test_questions.jsonl).
+VERSIONS = {
+    "detail": 3,
+    "rwqa": 2,
+    "vstar": 2,
+}  # bumped when a generator changes: caches of the old rows are not reused
 
 
 def subset_dirname(name: str, n: int = 4) -> str:
@@ -119,22 +124,7 @@ def write_toy_subset(name: str, out_dir: str | Path, n: int = 4, seed: int = 0) 
                 out / f"{split}.parquet",
             )
     elif name == "vstar":
-        texts, labels = [], []
-        for _, _, c, d, _, _ in rows:
-            opts = sorted({str(d), str((d + 1) % 10), str((d + 2) % 10), str((d + 5) % 10)})
-            texts.append(q.format(c) + "\n" + "\n".join(f"({chr(65 + k)}) {o}" for k, o in enumerate(opts)))
-            labels.append(chr(65 + opts.index(str(d))))
-        _write(
-            {
-                "question_id": [f"v{i}" for i, *_ in rows],
-                "image": [r[1] for r in rows],
-                "text": texts,
-                "label": labels,
-                "category": ["direct_attributes"] * n,
-                "bbox": [[[b[0], b[1], b[2] - b[0], b[3] - b[1]]] for *_, b, _ in rows],
-            },
-            out / "test.parquet",
-        )
+        _write_vstar(rows, out, q)
     elif name == "pope":
         for k, split in enumerate(("adversarial", "popular", "random")):
             yes = [(i + k) % 2 == 0 for i, *_ in rows]
@@ -187,3 +177,32 @@ def write_toy_subset(name: str, out_dir: str | Path, n: int = 4, seed: int = 0) 
     else:
         raise ValueError(f"no toy subset for {name!r}")
     return out
+
+
+def _write_vstar(rows: list, out: Path, q: str) -> None:
+    """V* Bench's own layout (craigwu/vstar_bench): ``test_questions.jsonl`` (image path, text with
+    the lettered options, label, category, question_id) and, beside each image, its annotation
+    ``<category>/<name>.json`` (target_object, bbox [x, y, w, h], the bare question, options with
+    the correct one first). The lettered options are in another order than the annotation's."""
+    import json
+
+    lines = []
+    for i, img, colour, digit, box, _ in rows:
+        category = ("direct_attributes", "relative_position")[i % 2]
+        name = f"{category}/sa_{i}"
+        (out / category).mkdir(parents=True, exist_ok=True)
+        img.save(out / f"{name}.jpg", quality=95)
+        options = [str(digit), str((digit + 1) % 10), str((digit + 2) % 10), str((digit + 5) % 10)]  # correct first
+        lettered = sorted(options)
+        annotation = {
+            "target_object": [f"{colour} square"],
+            "bbox": [[box[0], box[1], box[2] - box[0], box[3] - box[1]]],
+            "question": q.format(colour),
+            "options": options,
+        }
+        (out / f"{name}.json").write_text(json.dumps(annotation))
+        text = q.format(colour) + "\n" + "\n".join(f"({chr(65 + k)}) {o}" for k, o in enumerate(lettered))
+        text += "\nAnswer with the option's letter from the given choices directly."
+        label = chr(65 + lettered.index(str(digit)))
+        lines.append({"image": f"{name}.jpg", "text": text, "category": category, "question_id": i, "label": label})
+    (out / "test_questions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
