@@ -28,8 +28,8 @@ eval:  ## run the built-in default (offline): python -m egg_eval
 smoke:  ## every dataset config end-to-end on the toy subsets and a tiny model
 	$(PY) scripts/smoke.py
 
-tables:  ## results/ -> paper-style tables
-	$(PY) scripts/make_tables.py
+tables:  ## results/runs -> the paper's Tables 1-6 (Markdown, CSV, LaTeX) in results/tables/paper
+	$(PY) -m egg_eval.tables
 
 demo:  ## the toy LLaVA on 300 held-out detail scenes: vanilla vs EGG K=1/K=2 vs oracle/random crops, pictures
 	$(PY) scripts/demo.py

@@ -219,30 +219,25 @@ def test_the_printed_line_gives_the_score_in_percent(tmp_path, capsys):
     assert f"| exact_match = {100 * summary['score']:.2f}% | samples 4 | failures 0 |" in line
 
 
-def test_make_tables_prints_a_table_from_results(tmp_path):
+def test_make_tables_prints_the_papers_table_from_real_runs(tmp_path):
     import subprocess
     import sys
 
+    main(cfg_for(tmp_path, "dataset=pope_toy", "method=vanilla"))
     for k in (1, 2):
-        main(cfg_for(tmp_path, "dataset=detail_toy", f"method.top_k={k}", "method.max_rounds=2"))
+        main(cfg_for(tmp_path, "dataset=pope_toy", f"method.top_k={k}", "method.max_rounds=2"))
     script = Path(__file__).resolve().parent.parent / "scripts" / "make_tables.py"
     out = subprocess.run(
-        [sys.executable, str(script), "--results", str(tmp_path), "--by", "top_k"],
+        [sys.executable, str(script), "--results", str(tmp_path), "--suffix", "_toy", "--tables", "table4"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert "detail_toy" in out and "top_k" in out
-    assert (tmp_path / "table_top_k.csv").read_text().count("\n") == 3  # header + K=1 + K=2
-    # the main table has no top_k key, but two top_k must not share a cell: it becomes a key
-    subprocess.run([sys.executable, str(script), "--results", str(tmp_path)], capture_output=True, check=True)
-    main_rows = (tmp_path / "table_main.csv").read_text().splitlines()
-    assert main_rows[0].startswith("backbone,method,stopping,top_k,") and len(main_rows) == 3
-    # the plain model has no rounds: its row names no stopping rule (the group is composed anyway)
-    main(cfg_for(tmp_path, "dataset=detail_toy", "method=vanilla"))
-    subprocess.run([sys.executable, str(script), "--results", str(tmp_path)], capture_output=True, check=True)
-    vanilla = [r for r in (tmp_path / "table_main.csv").read_text().splitlines() if ",vanilla," in r]
-    assert len(vanilla) == 1 and vanilla[0].split(",")[2:4] == ["-", "-"]
+    assert out.startswith("Table 4: regions added (K) (toy_llava)")
+    rows = (tmp_path / "tables" / "paper" / "table4.csv").read_text().splitlines()
+    assert rows[0] == "Method,POPE,V*,DocVQA,RWQA" and rows[-1] == "n,12,-,-,-"
+    # max_rounds=2 is not the paper's default (15): those runs are in no row, only the plain model is
+    assert rows[1].startswith("Base,") and rows[1] != "Base,-,-,-,-" and rows[2] == "1 added,-,-,-,-"
 
 
 def test_attention_implementation_is_a_backbone_setting(tmp_path):
