@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from egg_eval.config_check import FAMILY_SETTINGS, ConfigError, check_config, check_layer
 from egg_eval.data.specs import spec_from_config
+from egg_eval.errors import LoadError, UsageError
 from egg_eval.outputs import RunInfo, failures_text, score_text
 from egg_eval.runs import expected_total, run_dir, run_fingerprint, run_id, sample_set
 
@@ -149,7 +150,7 @@ def _load(cfg: DictConfig, path: str | None):
             else f"\nWithout the hub: `hf download {source} --local-dir <dir>` where it is reachable, then pass "
             "backbone.path=<dir>."
         )
-        raise OSError(f"could not load backbone {b.name!r} from {source!r}: {e}{hint}") from e
+        raise LoadError(f"could not load backbone {b.name!r} from {source!r}: {e}{hint}") from e
 
 
 def _data(cfg: DictConfig, spec):
@@ -269,6 +270,9 @@ def hydra_main(cfg: DictConfig) -> None:
     except ConfigError as e:  # one line, no traceback: the key and what it takes
         print(f"egg_eval: {e}", file=sys.stderr)
         sys.exit(2)
+    except UsageError as e:  # the data, the folder or the model: the message says what to do
+        print(f"egg_eval: {e}", file=sys.stderr)
+        sys.exit(1)
     except RunInterrupted as e:
         print(f"\negg_eval: interrupted; {e}; rerun the same command to resume.", file=sys.stderr)
         sys.exit(130)

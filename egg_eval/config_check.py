@@ -21,11 +21,12 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from egg_eval.errors import UsageError
 from egg_eval.outputs import SUBMISSIONS
 from egg_eval.scoring import KINDS, METRICS
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A setting that cannot run as given; its message is one line naming the key and what it takes."""
 
 

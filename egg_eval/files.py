@@ -22,6 +22,8 @@ try:
 except ImportError:  # pragma: no cover - not on POSIX
     fcntl = None  # type: ignore[assignment]
 
+from egg_eval.errors import FolderBusy
+
 COMPLETE = ".complete"
 log = logging.getLogger("egg_eval")
 
@@ -122,7 +124,7 @@ def folder_lock(folder: Path) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
-            raise RuntimeError(
+            raise FolderBusy(
                 f"{folder} is being written by another process ({holder}); two runs into one folder would "
                 "score samples twice. Let it finish (a rerun then resumes), or give this run another output_dir."
             ) from None

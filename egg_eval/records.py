@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
+from egg_eval.errors import SettingsError
 from egg_eval.files import write_atomic
 
 RECORDS = "records.jsonl"
@@ -53,7 +54,7 @@ def check_manifest(out: Path, fingerprint: dict) -> None:
         return
     changes = fingerprint_changes(json.loads(path.read_text()), _as_json(fingerprint))
     if changes:
-        raise ValueError(
+        raise SettingsError(
             f"{out} holds a run made with other settings, samples or model ({'; '.join(changes)}). "
             "Resuming would mix their records. Rerun with the settings of that run, or use another "
             "output directory (output_dir=... or output_root=...) for the new ones."

@@ -19,6 +19,7 @@ from typing import Any
 from egg_eval.data.benchmarks import Sample
 from egg_eval.data.prompts import prompt_for
 from egg_eval.data.stream import prefetched
+from egg_eval.errors import RunStopped, SettingsError
 from egg_eval.files import folder_lock, safe_name, write_atomic
 from egg_eval.outputs import RunInfo, finalize
 from egg_eval.progress import Progress
@@ -85,7 +86,7 @@ def _run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list
                 score = f"{metric} {sum(running) / len(running):.3f}" if running else ""
                 progress.update(f"{score}, {rec['time_s']:.2f} s/sample" if score else f"{rec['time_s']:.2f} s/sample")
                 if fatal or (info.max_failures_in_a_row and len(streak) >= info.max_failures_in_a_row):
-                    raise RuntimeError(_stop_message(sample.id, streak, fatal, rec_path, len(records)))
+                    raise RunStopped(_stop_message(sample.id, streak, fatal, rec_path, len(records)))
     except KeyboardInterrupt:
         raise RunInterrupted(rec_path, len(records)) from None
     finally:
@@ -95,13 +96,13 @@ def _run(samples: Iterable[Sample], method: Method, info: RunInfo, loggers: list
 
 def _check_id(sample: Sample, seen: dict, done: dict, rec_path: Path) -> None:
     if sample.id in seen:
-        raise ValueError(
+        raise SettingsError(
             f"sample id {sample.id!r} occurs twice in the dataset (question {sample.question!r} the second "
             "time): ids key the records, the resume and the submission file, so they must be unique. Point "
             "dataset.columns.id at a unique column. The records written so far are kept."
         )
     if sample.id in done and done[sample.id] not in (None, sample.question):
-        raise ValueError(
+        raise SettingsError(
             f"{rec_path} already holds sample {sample.id!r} with another question "
             f"({done[sample.id]!r}, now {sample.question!r}): the data changed since that run. "
             "Resume only the same data; for new data use another output directory "

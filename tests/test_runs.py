@@ -138,6 +138,12 @@ def test_a_config_error_is_one_line_without_a_traceback(tmp_path):
     assert r.stderr.startswith("egg_eval: config stopping.n=2 has no effect with stopping=confidence")
 
 
+def test_a_data_or_folder_error_is_its_message_without_a_traceback(tmp_path):
+    r = _cli(tmp_path, "backbone=tiny", "dataset=detail_toy", "dataset.columns.id=qid")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("egg_eval: detail_toy: column 'qid' (for id) missing")
+
+
 INTERRUPTED = """
 import sys
 import egg_eval.cli as cli

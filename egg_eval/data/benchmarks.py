@@ -17,6 +17,7 @@ from PIL import Image
 from egg_eval.data.annotations import RepoFiles, annotate
 from egg_eval.data.images import decode_oriented, orient_box
 from egg_eval.data.local import no_decode, open_stream
+from egg_eval.errors import MissingColumn
 
 log = logging.getLogger("egg_eval")
 
@@ -98,7 +99,7 @@ def _col(row: dict, spec: BenchmarkSpec, key: str, required: bool = True):
     name = spec.columns.get(key, key)
     if name not in row:
         if required:
-            raise KeyError(f"{spec.name}: column {name!r} (for {key}) missing; the rows have {sorted(row)}")
+            raise MissingColumn(f"{spec.name}: column {name!r} (for {key}) missing; the rows have {sorted(row)}")
         return None
     return row[name]
 

@@ -7,6 +7,8 @@ import glob
 import re
 from pathlib import Path
 
+from egg_eval.errors import MissingFiles
+
 
 def _split_dirs(root: Path, config: str | None) -> list[Path]:
     """Where a local copy of a hub dataset keeps a split's parquet files, most specific first:
@@ -51,7 +53,7 @@ def open_stream(
     if path:
         p = Path(path)
         if not p.exists():
-            raise FileNotFoundError(f"dataset.path {path} does not exist")
+            raise MissingFiles(f"dataset.path {path} does not exist")
         if p.is_dir() and (p / split).is_dir() and any((p / split).glob("*.arrow")):
             return _only(load_from_disk(str(p / split)).to_iterable_dataset(), columns)
         if p.is_dir() and (p / "dataset_info.json").exists():
@@ -62,7 +64,7 @@ def open_stream(
             there = sorted(
                 {re.sub(r"-\d+-of-\d+$", "", f.stem) for d in dirs for ext in ROW_FILES for f in d.glob(f"*.{ext}")}
             )
-            raise FileNotFoundError(
+            raise MissingFiles(
                 f"no {split}.parquet or {split}-*.parquet in {', '.join(str(d) for d in dirs)}"
                 + (
                     f"; the splits there: {', '.join(there)} (dataset.split=...)"
