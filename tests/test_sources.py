@@ -103,6 +103,12 @@ def test_vstar_rows_take_boxes_and_likelihood_options_from_the_annotation_files(
     assert generated[0].bbox == [[x, y, x + w, y + h]]
 
 
+def test_vstar_from_a_relative_dataset_path(tmp_path, monkeypatch):
+    write_toy_subset("vstar", tmp_path / "copy", n=2)
+    monkeypatch.chdir(tmp_path)
+    assert [s.error for s in iter_samples(VSTAR, path="copy")] == [None, None]
+
+
 def test_a_missing_vstar_annotation_fails_its_sample_only(tmp_path):
     write_toy_subset("vstar", tmp_path, n=4)
     (tmp_path / "relative_position" / "sa_1.json").unlink()

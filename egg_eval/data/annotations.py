@@ -48,7 +48,7 @@ def annotate(sample: Sample, files: RepoFiles, spec: BenchmarkSpec) -> None:
     image = str(sample.raw)
     rel = str(PurePosixPath(image).with_suffix(spec.annotations or ".json"))
     try:
-        sample.raw = str(files.local(image))
+        sample.raw = str(files.local(image).absolute())  # not joined to dataset.path a second time
         ann = json.loads(files.local(rel).read_text())
         boxes = ann.get("bbox") or []
         boxes = boxes if boxes and isinstance(boxes[0], (list, tuple)) else [boxes] if boxes else []
