@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import logging
 import os
 import re
@@ -145,3 +146,30 @@ def folder_lock(folder: Path) -> Iterator[None]:
 def safe_name(sample_id: str) -> str:
     """A file name for a sample id (ids may hold '/', e.g. POPE's 'adversarial/12')."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", str(sample_id))[:150]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_digest(path: str | Path, chunks: int = 32, chunk_bytes: int = 1 << 16) -> str:
+    """sha256 over a checkpoint directory's config and weight files: each file's name and
+    size, then the whole file if it is small, else ``chunks`` blocks spread evenly from its
+    first to its last byte (about 2 MiB read per file, so a 16 GB model is fingerprinted in
+    well under a second). A retrained or fine-tuned checkpoint changes the bytes of nearly
+    every tensor and so the digest; it is a change detector for resume, not a signature."""
+    root = Path(path)
+    h = hashlib.sha256()
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
+    )
+    for p in files:
+        size = p.stat().st_size
+        h.update(f"{p.relative_to(root).as_posix()}\0{size}\0".encode())
+        with open(p, "rb") as f:
+            if size <= chunks * chunk_bytes:
+                h.update(f.read())
+                continue
+            for i in range(chunks):
+                f.seek((size - chunk_bytes) * i // (chunks - 1))
+                h.update(f.read(chunk_bytes))
+    return h.hexdigest()

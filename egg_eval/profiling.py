@@ -1,5 +1,5 @@
 """Where EGG's time goes: a run under ``torch.profiler``, totalled by the phases the library
-marks (:data:`egg_eval.backbones.base.PHASES`: processor, vision tower, the grounding passes'
+marks (:data:`egg_eval.phases.PHASES`: processor, vision tower, the grounding passes'
 forward and backward, the map, the regions, the answer).
 
     from egg_eval.profiling import profile_phases
@@ -16,7 +16,8 @@ import bisect
 import time
 from collections.abc import Callable, Iterable
 
-from egg_eval.backbones.base import PHASES
+from egg_eval import phases
+from egg_eval.phases import PHASES
 
 
 def phase_totals(
@@ -100,8 +101,6 @@ def count_flops(fn: Callable[[], object]) -> dict[str, int]:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-    from egg_eval.backbones import base
-
     aten = torch.ops.aten
     extra = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
@@ -124,15 +123,11 @@ def count_flops(fn: Callable[[], object]) -> dict[str, int]:
             formula = flop_registry.get(packet) or extra.get(packet)
             if formula is not None:
                 n = int(formula(*args, **kwargs, out_val=out))
-                where = base.PHASE_STACK[-1] if base.PHASE_STACK else "other"
+                where = phases.current() or "other"
                 counts[where] = counts.get(where, 0) + n
                 counts["all"] = counts.get("all", 0) + n
             return out
 
-    previous, base.PHASE_STACK = base.PHASE_STACK, []
-    try:
-        with Counter():
-            fn()
-    finally:
-        base.PHASE_STACK = previous
+    with phases.tracking(), Counter():
+        fn()
     return counts

@@ -33,7 +33,7 @@ def parameter_gradients(backbone) -> Iterator[None]:
 
     def leaves(enc):
         with torch.enable_grad():  # the tower's graph is kept, down to its weights
-            feats = list(backbone._image_features(enc))
+            feats = list(backbone.image_features(enc))
         for f in feats:
             f.retain_grad()
         return feats

@@ -176,7 +176,7 @@ def real_size(family: str, layers: int | None, device, dtype):
 def load(args):
 
     from egg_eval.backbones import BACKBONES, load_backbone
-    from egg_eval.backbones.base import resolve_device_dtype, use_cudnn_attention
+    from egg_eval.backbones.loading import resolve_device_dtype, use_cudnn_attention
     from egg_eval.toy_vlm import CHECKPOINT
 
     if getattr(args, "deterministic", False):  # before the model: cuBLAS reads its workspace setting when it starts
@@ -354,7 +354,7 @@ def child(args):
 
 def phase_table(profiled: dict, n: int, cuda: bool) -> str:
     """Markdown: per method and phase, calls / host ms / device ms per sample."""
-    from egg_eval.backbones.base import PHASES
+    from egg_eval.phases import PHASES
 
     cols = [p for p in PHASES if any(p in ph for ph in profiled.values())] + ["all"]
     unit = "host ms / kernel ms" if cuda else "host ms"
@@ -383,7 +383,7 @@ def phase_table(profiled: dict, n: int, cuda: bool) -> str:
 
 def flops_table(counted: dict, n: int) -> str:
     """Markdown: per method, GFLOPs per sample by phase, all, and all against the plain model's."""
-    from egg_eval.backbones.base import PHASES
+    from egg_eval.phases import PHASES
 
     cols = [p for p in [*PHASES, "other"] if any(p in c for c in counted.values())]
     van = counted.get("vanilla", {}).get("all")

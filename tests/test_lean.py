@@ -9,8 +9,8 @@ import torch
 from conftest import noise_image
 
 from egg_eval.backbones import load_backbone
-from egg_eval.backbones.base import MemoryPlan
 from egg_eval.backbones.lean import is_gated_mlp, lean_activations, lean_modules
+from egg_eval.backbones.memory import MemoryPlan
 from egg_eval.grounding.saliency import entropy, saved_bytes_per_token, token_saliency, token_saliency_batch
 from egg_eval.undone import parameter_gradients
 

@@ -173,7 +173,7 @@ def test_global_tokens_fold_into_the_grid_by_overlap_area(family):
     the cells it overlaps in proportion to the area, its mass kept. The lattice fold (two small
     products) equals the fold over every token-cell pair, and a layout whose global boxes are
     no lattice takes the pairwise fold."""
-    from egg_eval.backbones.base import TokenLayout
+    from egg_eval.backbones.layout import TokenLayout
 
     model, proc = tiny_model_and_processor(family)
     bb = BACKBONES[family](model, proc)

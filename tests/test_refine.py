@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import noise_image
 
-from egg_eval.backbones.base import TokenLayout, cell_boxes
+from egg_eval.backbones.layout import TokenLayout, cell_boxes
 from egg_eval.grounding.refine import EggConfig, Refiner, answer_with_views, run_egg, run_vanilla
 from egg_eval.grounding.regions import RegionParams
 from egg_eval.grounding.saliency import Grounding, token_saliency

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from egg_eval.backbones.base import cell_boxes
+from egg_eval.backbones.layout import cell_boxes
 from egg_eval.grounding.regions import (
     RegionParams,
     components,

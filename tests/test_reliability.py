@@ -145,7 +145,7 @@ class _Fake:
         self.values = np.asarray(values, dtype=float)
 
     def __call__(self, backbone, image, question, **kw):
-        from egg_eval.backbones.base import TokenLayout, cell_boxes
+        from egg_eval.backbones.layout import TokenLayout, cell_boxes
 
         w, h = image.size
         boxes = cell_boxes(4, 4, w / 4, h / 4)
@@ -581,7 +581,7 @@ def _toy_copy(dst: Path) -> Path:
 
 
 def test_weights_digest_follows_the_bytes_not_the_place(tmp_path):
-    from egg_eval.backbones.base import weights_digest
+    from egg_eval.files import weights_digest
 
     a = _toy_copy(tmp_path / "a")
     b = _toy_copy(tmp_path / "elsewhere" / "b")

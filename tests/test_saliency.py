@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import noise_image
 
-from egg_eval.backbones.base import MemoryPlan, capture_layer_output
+from egg_eval.backbones.hooks import capture_layer_output
+from egg_eval.backbones.memory import MemoryPlan
 from egg_eval.grounding.saliency import entropy, entropy_top_p, max_prob, saved_bytes_per_token, token_saliency
 
 Q = "What is the digit in the red square?"

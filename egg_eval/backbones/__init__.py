@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from egg_eval.backbones.base import Backbone, TokenLayout
+from egg_eval.backbones.base import Backbone
 from egg_eval.backbones.internvl import InternVL
+from egg_eval.backbones.layout import TokenLayout
 from egg_eval.backbones.llava import Llava
 from egg_eval.backbones.llava_next import LlavaNext
 from egg_eval.backbones.qwen2_5_vl import Qwen25VL

@@ -15,8 +15,8 @@ import torch
 from transformers import InternVLForConditionalGeneration
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-from egg_eval.backbones.base import GLOBAL, PRIMARY, Backbone, affine, cell_boxes
-from egg_eval.backbones.llava import size_get
+from egg_eval.backbones.base import Backbone
+from egg_eval.backbones.layout import GLOBAL, PRIMARY, affine, cell_boxes, size_get
 from egg_eval.backbones.processors import InternVLImageOnlyProcessor
 
 
@@ -70,7 +70,7 @@ class InternVL(Backbone):
     def _pack_leaves(self, leaves):
         return torch.cat(leaves, dim=0)
 
-    def token_boxes(self, enc, image_index, image_size):
+    def token_boxes(self, enc, image_index, image_size) -> tuple[np.ndarray, np.ndarray]:
         cfg = self.model.config
         w, h = image_size
         cols, rows, tile, thumb = self._tiling(image_size)

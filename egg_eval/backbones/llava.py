@@ -9,32 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
-from transformers.image_transforms import get_resize_output_image_size
-from transformers.image_utils import ChannelDimension
 
-from egg_eval.backbones.base import NO_PLACE, PRIMARY, Backbone, affine, cell_boxes
-
-
-def size_get(size, key: str):
-    """Read ``key`` from a processor size (a dict or a ``SizeDict``)."""
-    if size is None:
-        return None
-    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-
-
-def resized_size(size, height: int, width: int) -> tuple[int, int]:
-    """(h, w) the processor's ``resize`` produces for an (height, width) image."""
-    if size_get(size, "shortest_edge"):
-        dummy = np.zeros((1, height, width))
-        return tuple(
-            get_resize_output_image_size(  # type: ignore[return-value]
-                dummy,
-                size=size_get(size, "shortest_edge"),
-                default_to_square=False,
-                input_data_format=ChannelDimension.FIRST,
-            )
-        )
-    return size_get(size, "height"), size_get(size, "width")
+from egg_eval.backbones.base import Backbone
+from egg_eval.backbones.layout import NO_PLACE, PRIMARY, affine, cell_boxes, resized_size, size_get
 
 
 class Llava(Backbone):
@@ -74,7 +51,7 @@ class Llava(Backbone):
             top, left = (rh - ch) // 2, (rw - cw) // 2
         return pad_x, pad_y, w_in, h_in, rh, rw, top, left, ch, cw
 
-    def token_boxes(self, enc, image_index, image_size):
+    def token_boxes(self, enc, image_index, image_size) -> tuple[np.ndarray, np.ndarray]:
         pad_x, pad_y, w_in, h_in, rh, rw, top, left, ch, cw = self._geometry(image_size)
         p = self.model.config.vision_config.patch_size
         canvas = cell_boxes(ch // p, cw // p, p, p) + np.array([left, top, left, top])

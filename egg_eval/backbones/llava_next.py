@@ -20,8 +20,8 @@ from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 from transformers.image_utils import ChannelDimension
 
-from egg_eval.backbones.base import GLOBAL, NO_PLACE, PRIMARY, Backbone, affine, cell_boxes
-from egg_eval.backbones.llava import size_get
+from egg_eval.backbones.base import Backbone
+from egg_eval.backbones.layout import GLOBAL, NO_PLACE, PRIMARY, affine, cell_boxes, size_get
 
 
 class LlavaNext(Backbone):
@@ -54,7 +54,7 @@ class LlavaNext(Backbone):
         tile = self._tile()[1]
         return {"image_sizes": [[h, w] for w, h in sizes], "pixel_values": np.zeros((1, 1, 1, tile, tile), np.uint8)}
 
-    def token_boxes(self, enc, image_index, image_size):
+    def token_boxes(self, enc, image_index, image_size) -> tuple[np.ndarray, np.ndarray]:
         cfg = self.model.config
         w, h = image_size
         side, tile = self._tile()

@@ -59,8 +59,8 @@ def _normalize(image: np.ndarray, mean: float | Iterable[float], std: float | It
 def torch_pixel_arithmetic(processor: Any) -> Iterator[bool]:
     """While inside, ``processor``'s PIL image processor (this instance only) rescales and
     normalizes in torch: bit-identical pixel values (tested on every family), on several
-    cores. transformers' numpy versions run on one core over strided copies; an InternVL crop
-    cut into 13 tiles spent about 50 ms in ``normalize`` alone on this project's CPU. Set per
+    cores. transformers' numpy versions run on one core over strided copies, which a crop cut
+    into many tiles feels (timed in ``results/bench/h200_2026-12-04d/REPORT.md``). Set per
     call and removed after, so that the processor still serializes (``save_pretrained``).
     Yields whether it applied (a processor whose class overrides them keeps its own)."""
     ip = getattr(processor, "image_processor", None)

@@ -30,8 +30,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from egg_eval.backbones.base import PRIMARY, Backbone, affine, cell_boxes
-from egg_eval.backbones.llava import size_get
+from egg_eval.backbones.base import Backbone
+from egg_eval.backbones.layout import PRIMARY, affine, cell_boxes, size_get
 from egg_eval.backbones.processors import Qwen2_5_VLImageOnlyProcessor
 
 
@@ -182,7 +182,7 @@ class Qwen25VL(Backbone):
         kw["position_ids"] = positions[..., p:]
         return kw
 
-    def token_boxes(self, enc, image_index, image_size):
+    def token_boxes(self, enc, image_index, image_size) -> tuple[np.ndarray, np.ndarray]:
         w, h = image_size
         _, gh, gw = (int(x) for x in enc["image_grid_thw"][image_index])
         vc = self.model.config.vision_config

@@ -27,11 +27,13 @@ from dataclasses import dataclass, replace
 import torch
 from PIL import Image
 
-from egg_eval.backbones.base import Backbone, Prefix, in_phase
+from egg_eval.backbones.base import Backbone
+from egg_eval.backbones.prefix import Prefix
 from egg_eval.data.prompts import split_options
 from egg_eval.grounding.regions import components, spatial_entropy
 from egg_eval.grounding.saliency import Grounding, token_saliency, token_saliency_batch
 from egg_eval.grounding.settings import EggConfig
+from egg_eval.phases import in_phase
 from egg_eval.types import Box, Region, Round, Trace
 
 AUTO_ACTIVATION_FRACTION = 0.4  # of the weights' bytes; leaves room for the answer pass's KV cache

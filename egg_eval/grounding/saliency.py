@@ -18,7 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from egg_eval.backbones.base import Backbone, MemoryPlan, Prefix, TokenLayout, detach_cache, in_phase, phase
+from egg_eval.backbones.base import Backbone
+from egg_eval.backbones.layout import TokenLayout
+from egg_eval.backbones.memory import MemoryPlan
+from egg_eval.backbones.prefix import Prefix, detach_cache
+from egg_eval.phases import in_phase, phase
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -174,8 +178,8 @@ def _gradients(value: torch.Tensor, leaves: list[torch.Tensor]) -> tuple[torch.T
     ``warn_only``, :func:`egg_eval.cli.set_deterministic`) the backward runs in the strict mode
     (``warn_only=False``): only there do the fused attention backwards (flash,
     memory-efficient) take their deterministic variants, where otherwise they add into dQ
-    with atomics and two identical passes differ in the last bits (4.6e-3 of the map's
-    maximum on LLaVA-1.6 on an H200). Strict mode raises on an op with no deterministic
+    with atomics and two identical passes differ in the last bits (measured in
+    ``results/bench/h200_2026-12-04b``). Strict mode raises on an op with no deterministic
     variant, which fails that sample with the op's name; the forward passes keep ``warn_only``
     (layers recomputed in the backward run strict with it: on the GPU none raised)."""
     if not (torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()):
