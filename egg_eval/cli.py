@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import sys
@@ -12,17 +11,19 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from egg_eval.config import register
 from egg_eval.config_check import FAMILY_SETTINGS, ConfigError, check_config, check_layer
 from egg_eval.data.specs import spec_from_config
 from egg_eval.errors import LoadError, UsageError
 from egg_eval.outputs import RunInfo, failures_text, score_text
-from egg_eval.runs import expected_total, run_dir, run_fingerprint, run_id, sample_set
+from egg_eval.runs import expected_total, run_dir, run_fingerprint, sample_set
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 ASSETS = Path(__file__).resolve().parent / "assets"
 log = logging.getLogger("egg_eval")
 # ${egg_asset:toy_vlm} -> the shipped checkpoint's directory, wherever egg_eval is installed
 OmegaConf.register_new_resolver("egg_asset", lambda name: str(ASSETS / name), replace=True)
+register()  # the groups' defaults (egg_eval/config.py), which the YAML files build on
 
 
 def shard_of(cfg: DictConfig) -> tuple[int, int]:
@@ -60,56 +61,17 @@ def set_deterministic(on: bool) -> None:
     torch.backends.cudnn.deterministic = on
 
 
-def egg_config(cfg: DictConfig):
-    """The :class:`EggConfig` of ``cfg.method`` and ``cfg.stopping`` (``None`` for vanilla);
-    its own checks refuse a setting out of range."""
-    from egg_eval.grounding.regions import RegionParams
-    from egg_eval.grounding.settings import EggConfig
+def method_of(cfg: DictConfig):
+    """The :class:`~egg_eval.methods.Method` that ``cfg.method`` names, with its settings and the
+    ``execution`` group's checked (their range errors said as config errors)."""
+    from egg_eval.grounding.settings import ExecutionConfig
+    from egg_eval.methods import METHODS
 
-    m, s = cfg.method, cfg.stopping
-    if m.name == "vanilla":
-        return None
     try:
-        return EggConfig(
-            objective=m.objective,
-            token_index=m.token_index,
-            layer=m.layer,
-            regions=RegionParams(sigma=m.sigma, top_k=m.top_k, max_aspect=m.max_aspect, min_size=m.min_size),
-            stopping=s.name,
-            n_rounds=1 if s.get("n") is None else s.n,
-            max_rounds=m.max_rounds,
-            batch_views=m.get("batch_views", True),
-            reuse_features=m.get("reuse_features", True),
-            reuse_prefix=m.get("reuse_prefix", True),
-            checkpoint_layers=m.get("checkpoint_layers", False),
-            activation_memory_gb=m.get("activation_memory_gb", "auto"),
-            lean_activations=m.get("lean_activations", "auto"),
-        )
-    except ValueError as e:  # the dataclass's range checks, said as config errors
+        execution = ExecutionConfig(**OmegaConf.to_container(cfg.execution, resolve=True))
+        return METHODS[cfg.method.name].from_config(cfg.method, cfg.stopping, execution)
+    except ValueError as e:  # the dataclasses' range checks
         raise ConfigError(f"config {e}") from None
-
-
-def method_for(backbone, egg, protocol: str = "generate"):
-    """The runner's method on ``backbone``: the plain model where ``egg`` is None (method=vanilla),
-    else EGG with those settings; answering by generation or, under ``protocol="likelihood"``,
-    by the option of the prompt's "(A) ..." lines with the lowest loss after its stem, which is
-    then also the question EGG grounds (the model is asked the stem alone)."""
-    from egg_eval.data.prompts import split_options
-    from egg_eval.grounding.refine import answer_by_likelihood, answer_with_views, run_egg, run_vanilla
-
-    if egg is not None:
-        backbone.check_layer(egg.layer)
-
-    def method(image, text):
-        answer = answer_with_views
-        if protocol == "likelihood":
-            text, letters, texts = split_options(text)
-            answer = functools.partial(answer_by_likelihood, options=(letters, texts))
-        if egg is None:
-            return run_vanilla(backbone, image, text, answer=answer)
-        return run_egg(backbone, image, text, egg, answer=answer)
-
-    return method
 
 
 def _checkpoint_path(cfg: DictConfig) -> str | None:
@@ -184,11 +146,11 @@ def build(cfg: DictConfig):
     """Backbone, spec, samples and the method callable from a composed config."""
     # before anything loads (torch included): a mistyped setting fails now, not on every sample
     check_config(cfg)
-    egg = egg_config(cfg)
+    method = method_of(cfg)
     index, count = shard_of(cfg)
     b = cfg.backbone
-    if egg is not None and b.path and not b.get("tiny"):  # against the checkpoint's config.json
-        check_layer(egg.layer, b.path, b.get("revision"))
+    if b.path and not b.get("tiny"):  # the method's layer against the checkpoint's config.json
+        check_layer(method.layer, b.path, b.get("revision"))
     import torch
 
     from egg_eval.backbones import BACKBONES
@@ -197,8 +159,8 @@ def build(cfg: DictConfig):
     _quiet_downloads()
     spec, data_path = _data(cfg, spec_from_config(cfg.dataset))
     path = _checkpoint_path(cfg)
-    if egg is not None and not b.path:  # a tiny test model (built just now) or the family's default
-        check_layer(egg.layer, path or BACKBONES[b.family].default_path, b.get("revision"))
+    if not b.path:  # a tiny test model (built just now) or the family's default
+        check_layer(method.layer, path or BACKBONES[b.family].default_path, b.get("revision"))
     torch.manual_seed(cfg.seed)
     set_deterministic(bool(cfg.get("deterministic", False)))
     backbone = _load(cfg, path)
@@ -206,7 +168,7 @@ def build(cfg: DictConfig):
     samples = iter_samples(spec, split=spec.split, path=data_path, limit=cfg.dataset.get("limit"), decode=False)
     if count > 1:  # sample i of the stream goes to shard i % count
         samples = (s for i, s in enumerate(samples) if i % count == index)
-    return backbone, spec, samples, method_for(backbone, egg, spec.protocol)
+    return backbone, spec, samples, method
 
 
 def main(cfg: DictConfig) -> dict:
@@ -214,7 +176,8 @@ def main(cfg: DictConfig) -> dict:
     from egg_eval.runner import run
 
     backbone, spec, samples, method = build(cfg)
-    out = run_dir(cfg, spec, backbone.name)
+    rid = method.run_id(spec.protocol)
+    out = run_dir(cfg, spec, backbone.name, rid)
     index, count = shard_of(cfg)
     if count > 1:  # each shard in its own folder; `python -m egg_eval.merge <out>` joins them
         out = out / f"shard-{index}-of-{count}"
@@ -225,7 +188,7 @@ def main(cfg: DictConfig) -> dict:
             WandbLogger(
                 cfg.logger.project,
                 resolved,
-                name=f"{spec.name}/{backbone.name}/{run_id(cfg)}",
+                name=f"{spec.name}/{backbone.name}/{rid}",
                 mode=cfg.logger.get("mode"),
                 entity=cfg.logger.get("entity"),
                 run_id=folder_run_id(out),
@@ -250,10 +213,10 @@ def main(cfg: DictConfig) -> dict:
         total=expected_total(cfg.dataset, spec, (index, count)),
         sample_set=sample_set(spec, cfg.dataset.get("limit")),
     )
-    summary = run(samples, method, info, loggers)
+    summary = run(samples, method.bind(backbone, spec.protocol), info, loggers)
     summary["output_dir"] = str(out)
     print(
-        f"{spec.name} | {backbone.name} | {run_id(cfg)} | {score_text(summary)} "
+        f"{spec.name} | {backbone.name} | {rid} | {score_text(summary)} "
         f"| samples {summary['n_samples']} | {failures_text(summary)} | "
         f"{summary.get('mean_time_s', 0):.2f} s/sample | {out}"
     )

@@ -1,5 +1,5 @@
 """The settings, checked before anything is loaded: a mistyped value (``method.top_k=two``,
-``method.batch_views=maybe``, ``dataset.limit=-3``, ``dataset.metric=vqa_acuracy``), a name
+``execution.batch_views=maybe``, ``dataset.limit=-3``, ``dataset.metric=vqa_acuracy``), a name
 that is not in its registry, or a setting that has no effect in its combination
 (``stopping=confidence stopping.n=2``) stops the run at once with one line naming the key and
 what it takes (:class:`ConfigError`), instead of failing every sample after a 7B model has
@@ -14,13 +14,20 @@ runs next, also before anything loads.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from egg_eval.config import (
+    METHOD_SCHEMAS,
+    STOPPED,
+    BackboneSchema,
+    ExecutionSchema,
+    RunSchema,
+    ShardSchema,
+    StoppingSchema,
+)
 from egg_eval.errors import UsageError
 from egg_eval.outputs import SUBMISSIONS
 from egg_eval.scoring import KINDS, METRICS
@@ -28,73 +35,6 @@ from egg_eval.scoring import KINDS, METRICS
 
 class ConfigError(UsageError, ValueError):
     """A setting that cannot run as given; its message is one line naming the key and what it takes."""
-
-
-# ``Optional[...]`` rather than ``X | None``: OmegaConf reads the annotations at run time
-
-
-@dataclass
-class MethodSchema:
-    name: str = "egg"
-    objective: str = "entropy"
-    token_index: int = 1
-    layer: Optional[int] = None  # noqa: UP045
-    top_k: int = 2
-    sigma: float = 1.5
-    max_aspect: float = 3.0
-    min_size: float = 16.0
-    max_rounds: int = 15
-    batch_views: bool = True
-    reuse_features: bool = True
-    reuse_prefix: bool = True
-    checkpoint_layers: bool = False
-    activation_memory_gb: Any = "auto"  # a number, "auto" or null: checked by EggConfig
-    lean_activations: Any = "auto"  # auto, true or false: checked by EggConfig
-
-
-@dataclass
-class StoppingSchema:
-    name: str = "spatial_entropy"
-    n: Optional[int] = None  # noqa: UP045
-
-
-@dataclass
-class BackboneSchema:
-    name: str = ""
-    family: str = ""
-    path: Optional[str] = None  # noqa: UP045
-    revision: Optional[str] = None  # noqa: UP045
-    dtype: str = "auto"
-    attn_implementation: Optional[str] = "sdpa"  # noqa: UP045
-    sdpa_cudnn: bool = False
-    device: str = "auto"
-    max_new_tokens: int = 32
-    repetition_penalty: Optional[float] = None  # noqa: UP045
-    min_pixels: Optional[int] = None  # noqa: UP045  (qwen25vl only)
-    max_pixels: Optional[int] = None  # noqa: UP045
-    max_tiles: Optional[int] = None  # noqa: UP045  (internvl35 only)
-    sigma: Optional[float] = None  # noqa: UP045
-    tiny: bool = False
-
-
-@dataclass
-class ShardSchema:
-    index: int = 0
-    count: int = 1
-
-
-@dataclass
-class RunSchema:  # the top level's own settings
-    seed: int = 0
-    progress: bool = True
-    output_root: str = "results"
-    output_dir: Optional[str] = None  # noqa: UP045
-    cache_dir: str = ""
-    pictures: int = 8
-    deterministic: bool = False
-    retry_failed: bool = True
-    max_failures_in_a_row: int = 50
-    prefetch: int = 4
 
 
 # backbone settings of one family's processor: key -> (family, what it bounds)
@@ -177,22 +117,26 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"config logger.mode must be one of {WANDB_MODES}, got {lg.get('mode')!r}")
 
     _check_dataset(c["dataset"])
+    _typed("execution", ExecutionSchema, c.get("execution") or {})
     m, s = c["method"], c.get("stopping") or {}
-    if m.get("name") == "vanilla":
+    name = m.get("name")
+    if name not in METHOD_SCHEMAS:
+        raise ConfigError(f"config method.name={name!r} is none of {', '.join(sorted(METHOD_SCHEMAS))}")
+    _typed("method", METHOD_SCHEMAS[name], m)
+    _typed("stopping", StoppingSchema, s)
+    if name not in STOPPED:
         if s.get("name", "spatial_entropy") != "spatial_entropy" or s.get("n") is not None:
             raise ConfigError(
                 f"config stopping={s.get('name')}{' stopping.n=' + str(s.get('n')) if s.get('n') is not None else ''}"
-                " has no effect with method=vanilla (the plain model has no rounds to stop); leave stopping out"
+                f" has no effect with method={name} (it has no rounds to stop); leave stopping out"
             )
         return
-    _typed("method", MethodSchema, m)
-    _typed("stopping", StoppingSchema, s)
     if s.get("n") is not None and s.get("name") != "fixed":
         raise ConfigError(
             f"config stopping.n={s['n']} has no effect with stopping={s.get('name')}, which decides when to stop "
             "by itself; stopping.n sets the rounds of stopping=fixed only"
         )
-    # choices and ranges: EggConfig's own checks (egg_eval.cli.egg_config)
+    # choices and ranges: EggConfig's own checks (egg_eval.methods.Egg.from_config, run by the CLI)
 
 
 PROTOCOLS = ("generate", "likelihood")

@@ -5,7 +5,8 @@ One folder holds one set of samples with one set of settings: the split (POPE: i
 and ``dataset.limit`` name the sample set (``validation``, ``validation-first50``,
 ``popular``), the result-affecting settings name the run id, and both are written into the
 folder's ``run.json`` with the first record, so that a resume can never mix other samples or
-settings into it.
+settings into it. Which settings a record depends on is declared on each one's field
+(:data:`egg_eval.config.NOT_IN_RESULT`).
 """
 
 from __future__ import annotations
@@ -13,37 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from egg_eval.config import NOT_IN_RESULT, STOPPED
 from egg_eval.data.benchmarks import BenchmarkSpec
 from egg_eval.records import flatten
-
-# Settings a sample's record does not depend on: where outputs go and how they are shown,
-# which shard runs, the device, the speed options that are exact by construction, the
-# checkpoint's path (its weights are fingerprinted instead) and the split sizes the progress
-# bar uses. dataset.limit is not among them: it is part of the sample set.
-NOT_IN_RESULT = (
-    "progress",
-    "output_root",
-    "output_dir",
-    "cache_dir",
-    "pictures",
-    "logger",
-    "shard",
-    "dataset.sizes",
-    "backbone.device",
-    "backbone.attn_implementation",
-    "backbone.sdpa_cudnn",
-    "backbone.path",
-    "method.batch_views",
-    "method.reuse_features",
-    "method.reuse_prefix",
-    "method.checkpoint_layers",
-    "method.activation_memory_gb",
-    "method.lean_activations",
-    "deterministic",
-    "retry_failed",
-    "max_failures_in_a_row",
-    "prefetch",
-)
 
 
 def sample_set(spec: BenchmarkSpec, limit: int | None) -> dict[str, Any]:
@@ -57,31 +30,21 @@ def sample_set_name(ss: dict[str, Any]) -> str:
     return ss["split"] + (f"-first{ss['limit']}" if ss.get("limit") is not None else "")
 
 
-def run_id(cfg) -> str:
-    """A stable folder name from the method's result-affecting settings (the key for resume)."""
-    m, s = cfg.method, cfg.stopping
-    protocol = "_likelihood" if cfg.dataset.get("protocol") == "likelihood" else ""
-    if m.name == "vanilla":
-        return "vanilla" + protocol
-    layer = "last" if m.layer is None else m.layer
-    stop = s.name if s.get("n") is None else f"{s.name}{s.n}"
-    return f"egg_{m.objective}_k{m.top_k}_L{layer}_t{m.token_index}_s{m.sigma}_{stop}{protocol}"
-
-
-def run_dir(cfg, spec: BenchmarkSpec, backbone_name: str) -> Path:
-    """``<output_root>/runs/<dataset>/<sample set>/<backbone>/<run id>`` (or ``output_dir``)."""
+def run_dir(cfg, spec: BenchmarkSpec, backbone_name: str, run_id: str) -> Path:
+    """``<output_root>/runs/<dataset>/<sample set>/<backbone>/<run id>`` (or ``output_dir``);
+    ``run_id``: the method's (:meth:`egg_eval.methods.Method.run_id`)."""
     if cfg.get("output_dir"):
         return Path(cfg.output_dir)
     ss = sample_set_name(sample_set(spec, cfg.dataset.get("limit")))
-    return Path(cfg.output_root) / "runs" / spec.name / ss / backbone_name / run_id(cfg)
+    return Path(cfg.output_root) / "runs" / spec.name / ss / backbone_name / run_id
 
 
 def run_fingerprint(resolved: dict, model: dict) -> dict:
     """What a run's records depend on (compared on resume): the resolved settings less
     :data:`NOT_IN_RESULT` (the sample set among them), and the weights' identity
-    (``Backbone.fingerprint``). The stopping rule is left out of a plain-model run's: it has no
-    rounds to stop."""
-    skip = NOT_IN_RESULT + (("stopping",) if resolved.get("method", {}).get("name") == "vanilla" else ())
+    (``Backbone.fingerprint``). The stopping rule is left out of the fingerprint of a method
+    without rounds."""
+    skip = NOT_IN_RESULT + (("stopping",) if resolved.get("method", {}).get("name") not in STOPPED else ())
     settings = {k: v for k, v in flatten(resolved).items() if not any(k == x or k.startswith(x + ".") for x in skip)}
     return {"settings": settings, "model": model}
 

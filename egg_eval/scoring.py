@@ -162,7 +162,7 @@ def aggregate(records: list[dict], spec: BenchmarkSpec) -> dict[str, Any]:
         out["mean_backward"] = sum(r["n_backward"] for r in ok) / len(ok)
         # grounding passes redone with less memory (batch split, layers recomputed)
         out["memory_fallbacks"] = sum(r.get("memory_fallbacks", 0) for r in ok)
-        # grounding passes planned smaller to keep within method.activation_memory_gb
+        # grounding passes planned smaller to keep within execution.activation_memory_gb
         out["memory_limited"] = sum(r.get("memory_limited", 0) for r in ok)
         # decoder layers those passes recomputed in their backward (num_layers = one forward)
         out["recomputed_layers"] = sum(r.get("recomputed_layers", 0) for r in ok)

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
 from tabulate import tabulate
 
 from egg_eval.compare import compare_runs
+from egg_eval.config import EggSchema, StoppingSchema, defaults
 from egg_eval.files import write_atomic
 from egg_eval.records import flatten
 
@@ -106,13 +106,10 @@ SIGNIFICANCE = "\\* the paired bootstrap 95% CI of the difference from the refer
 
 
 def egg_defaults(sigma: float) -> dict[str, Any]:
-    """The settings of ``configs/method/egg.yaml`` and ``stopping/spatial_entropy.yaml`` that a
-    run's records depend on; ``sigma`` the backbone's (the method's default follows it)."""
-    configs = Path(__file__).resolve().parent.parent / "configs"
-    method = OmegaConf.to_container(OmegaConf.load(configs / "method" / "egg.yaml"), resolve=False)
-    method["sigma"] = sigma
-    stopping = OmegaConf.to_container(OmegaConf.load(configs / "stopping" / "spatial_entropy.yaml"))
-    return {**flatten({"method": method, "stopping": stopping}), "dataset.protocol": "generate"}
+    """The result-affecting settings of EGG's defaults (``egg_eval.config``: the paper's);
+    ``sigma`` the backbone's (the method's default follows it)."""
+    method = {**defaults(EggSchema), "sigma": sigma}
+    return {**flatten({"method": method, "stopping": defaults(StoppingSchema)}), "dataset.protocol": "generate"}
 
 
 @dataclass

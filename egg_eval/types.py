@@ -110,7 +110,7 @@ class Counters:
     # grounding passes that ran out of accelerator memory and were redone with less:
     # a round's views one by one instead of batched, then decoder layers recomputed
     memory_fallbacks: int = 0
-    # grounding passes planned smaller up front to stay within method.activation_memory_gb
+    # grounding passes planned smaller up front to stay within execution.activation_memory_gb
     # (a round's views split into single passes, or some of a pass's layers recomputed)
     memory_limited: int = 0
     # decoder layers recomputed in grounding backwards, summed over passes (each costs one
@@ -129,6 +129,11 @@ class Trace:
     final_views: list[Box] = field(default_factory=list)
     stop_reason: str = ""
     counters: Counters = field(default_factory=Counters)
+
+    def end(self, reason: str, views: list[Box]) -> Trace:
+        """Stopped, for ``reason``: the answer gets ``views``."""
+        self.stop_reason, self.final_views = reason, list(views)
+        return self
 
     def to_dict(self) -> dict:
         return {

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
-from egg_eval.grounding.refine import Refiner
+from egg_eval.grounding.engine import ViewGrounder
 
 
 @contextmanager
@@ -60,26 +60,14 @@ def parameter_gradients(backbone) -> Iterator[None]:
 
 @contextmanager
 def no_map_cache() -> Iterator[None]:
-    stock = Refiner.ground_views
-
-    def ground_views(self, boxes):
-        key = tuple(self.whole.as_list())
-        first = self.cache.get(key)
-        for b in boxes:
-            self.cache.pop(tuple(b.as_list()), None)
-        out = stock(self, boxes)
-        # the whole image grounded again (in a batch with its crops) keeps its first pass's KV
-        # cache for the answer, so that this row undoes the map cache only
-        again = self.cache.get(key)
-        if first is not None and again is not None and again.grounding.prefix is None:
-            again.grounding.prefix = first.grounding.prefix
-        return out
-
-    Refiner.ground_views = ground_views
+    """Every round grounds each of its views again (:attr:`ViewGrounder.reground`); the whole
+    image grounded again keeps its first pass's KV cache for the answer, so that this row undoes
+    the map cache only."""
+    ViewGrounder.reground = True
     try:
         yield
     finally:
-        Refiner.ground_views = stock
+        ViewGrounder.reground = False
 
 
 @contextmanager

@@ -21,7 +21,7 @@ beside the estimate. One plan per process, so that each peak is its own.
     python scripts/activation_check.py --plans
 
 ``--plans`` prints, from the estimate alone (the published depths built on the meta device,
-no memory, no time), what the default budget (``method.activation_memory_gb=auto``: 0.4x the
+no memory, no time), what the default budget (``execution.activation_memory_gb=auto``: 0.4x the
 weights' bytes) plans for one-view passes of :data:`PLAN_TOKENS` tokens: the activations as
 they are and lean, and the layers recomputed without lean and with it (arithmetic, not a
 measurement). A round's batch of views is grounded as one pass where it fits as it is or
@@ -131,7 +131,7 @@ def peak(args, r) -> None:
 
 
 def plans(args) -> None:
-    from egg_eval.grounding.refine import AUTO_ACTIVATION_FRACTION
+    from egg_eval.grounding.engine import AUTO_ACTIVATION_FRACTION
 
     gib = 2**30
     print(
@@ -143,7 +143,7 @@ def plans(args) -> None:
         bb = published(family, None, "meta", args.dtype)
         budget = AUTO_ACTIVATION_FRACTION * bb.weight_bytes
         for what, n in PLAN_TOKENS[family]:
-            # layers recomputed without lean (method.lean_activations=false) and with it (auto)
+            # layers recomputed without lean (execution.lean_activations=false) and with it (auto)
             without, with_lean = (
                 "-" if p is None else p.recompute
                 for p in (bb.memory_plan(n, None, budget, lean) for lean in (False, None))

@@ -55,10 +55,10 @@ METHODS = {  # each speed-up switched on in turn; "egg" is the default configura
     "egg_batched_views": {"batch_views": True, "reuse_features": False, "activation_memory_gb": None},
     "egg_reused_features": {"reuse_features": True, "reuse_prefix": False, "activation_memory_gb": None},
     "egg_reused_prefix": {"reuse_features": True, "reuse_prefix": True, "activation_memory_gb": None},
-    # the fastest, with every grounding pass lean (method.lean_activations=true): what lean costs
+    # the fastest, with every grounding pass lean (execution.lean_activations=true): what lean costs
     "egg_lean": {"activation_memory_gb": None, "lean_activations": True},
-    "egg": {},  # + passes planned to the activation budget (method.activation_memory_gb=auto)
-    # the budget met by recomputing layers only (method.lean_activations=false): what lean saves
+    "egg": {},  # + passes planned to the activation budget (execution.activation_memory_gb=auto)
+    # the budget met by recomputing layers only (execution.lean_activations=false): what lean saves
     "egg_no_lean": {"lean_activations": False},
     "egg_recompute_layers": {"checkpoint_layers": True},
 }
@@ -208,7 +208,7 @@ def child(args):
 
     from egg_eval.data.detail import rows
     from egg_eval.data.prompts import OPEN_SUFFIX
-    from egg_eval.grounding.refine import EggConfig, run_egg, run_vanilla
+    from egg_eval.grounding.refine import EggConfig, ExecutionConfig, run_egg, run_vanilla
     from egg_eval.grounding.saliency import token_saliency
     from egg_eval.profiling import count_flops, profile_phases
     from egg_eval.undone import UNDONE as UNDONE_CM
@@ -266,7 +266,8 @@ def child(args):
             settings["activation_memory_gb"] = (
                 None if args.activation_memory_gb == "none" else float(args.activation_memory_gb)
             )
-        cfg = EggConfig(**settings) if method != "vanilla" else None
+        cfg = EggConfig() if method != "vanilla" else None
+        execution = ExecutionConfig(**settings)
         undo = (lambda: UNDONE_CM[method](backbone)) if method in UNDONE else contextlib.nullcontext
         if method == "egg_fp32" and backbone.dtype == torch.float32:
             print(f"{method}: skipped, the model is float32 already (--dtype)", file=sys.stderr, flush=True)
@@ -276,7 +277,7 @@ def child(args):
             return (
                 run_vanilla(backbone, r["image"], text(r))
                 if cfg is None
-                else run_egg(backbone, r["image"], text(r), cfg)
+                else run_egg(backbone, r["image"], text(r), cfg, execution=execution)
             )
 
         paired = cfg is not None and args.paired

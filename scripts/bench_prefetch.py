@@ -67,7 +67,7 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from egg_eval.cli import CONFIG_DIR, build, egg_config, method_for
+    from egg_eval.cli import CONFIG_DIR, build, method_of
     from egg_eval.data.benchmarks import iter_samples
     from egg_eval.data.specs import spec_from_config
     from egg_eval.runner import RunInfo, run
@@ -105,10 +105,10 @@ def main() -> None:
                 ],
             )
         if real is None:
-            backbone, spec, _, method_fn = build(cfg)  # the model loaded once per method
+            backbone, spec, _, chosen = build(cfg)  # the model loaded once per method
         else:
-            backbone, spec = real, spec_from_config(cfg.dataset)
-            method_fn = method_for(real, egg_config(cfg), spec.protocol)
+            backbone, spec, chosen = real, spec_from_config(cfg.dataset), method_of(cfg)
+        method_fn = chosen.bind(backbone, spec.protocol)
 
         loops: dict[int, list[float]] = {d: [] for d in depths}
         model: dict[int, list[float]] = {d: [] for d in depths}

@@ -15,7 +15,7 @@ For each family it builds the published 7B/8B architecture with random weights (
   bit-equal runs; ``--deterministic`` runs the checks below with ``deterministic=true`` too);
 * prefills an answer prompt (the whole image, a crop, the question) on the KV cache that the
   whole image's grounding pass kept, and prints how far its last logits are from the full
-  prompt's (``method.reuse_prefix``);
+  prompt's (``execution.reuse_prefix``);
 * grounds the whole image with lean activations, then lean with half its layers recomputed
   (the activation budget's plans), prints how far its map and the answer on its kept cache
   are from the plain pass's, and on a GPU each pass's peak memory per token above the model

@@ -9,7 +9,7 @@ it: the process's memory is capped (``torch.cuda.set_per_process_memory_fraction
 peaks this script first measures without a cap, on a small detail scene (320 px) and the same
 scene enlarged (``--large`` px, more visual tokens on the dynamic-resolution families) with
 ``--context`` words of text before its question (more text tokens on every family), with
-``method.activation_memory_gb=null`` so that nothing plans around the cap, under
+``execution.activation_memory_gb=null`` so that nothing plans around the cap, under
 ``deterministic=true`` so that results compare bit for bit:
 
 1. **Fallback.** Capped between the large sample's peak with every layer recomputed and its
@@ -62,7 +62,7 @@ def _check(bb, family: str, large: int, context: int) -> None:
     from egg_eval.data.benchmarks import BenchmarkSpec, Sample
     from egg_eval.data.detail import rows
     from egg_eval.data.prompts import OPEN_SUFFIX
-    from egg_eval.grounding.refine import EggConfig, run_egg
+    from egg_eval.grounding.refine import EggConfig, ExecutionConfig, run_egg
     from egg_eval.runner import RunInfo, read_records, run
 
     r = next(iter(rows(1, seed=2002)))
@@ -74,8 +74,8 @@ def _check(bb, family: str, large: int, context: int) -> None:
     # one pass per view: as is and recomputed, a view's map is the same to the bit under
     # deterministic=true, while a batch and its views one by one differ by float rounding
     # (the batch's own fallback, one view at a time, is tested on CPU)
-    as_is = EggConfig(activation_memory_gb=None, batch_views=False)
-    recomputed = EggConfig(activation_memory_gb=None, batch_views=False, checkpoint_layers=True)
+    as_is = ExecutionConfig(activation_memory_gb=None, batch_views=False)
+    recomputed = ExecutionConfig(activation_memory_gb=None, batch_views=False, checkpoint_layers=True)
     model = torch.cuda.memory_allocated(bb.device) if bb.device.type == "cuda" else 0
     print(f"  model and what it holds {gib(model)} on {bb.device} {bb.dtype}")
 
@@ -83,7 +83,7 @@ def _check(bb, family: str, large: int, context: int) -> None:
     for name, image in images.items():
         for how, cfg in (("as is", as_is), ("recomputed", recomputed)):
             with MemoryPeak(bb.device) as m:
-                answer, trace = run_egg(bb, image, f"{questions[name]}\n{OPEN_SUFFIX}", cfg)
+                answer, trace = run_egg(bb, image, f"{questions[name]}\n{OPEN_SUFFIX}", EggConfig(), execution=cfg)
             peak[name, how] = m
             print(
                 f"  {name} ({image.size[0]} px, {len(questions[name].split())} words), {how}: peak above the model "
@@ -107,7 +107,9 @@ def _check(bb, family: str, large: int, context: int) -> None:
     if cap is None and bb.device.type == "cuda":
         raise AssertionError("recomputing the layers saved too little memory to set a cap between the two")
     with MemoryPeak(bb.device, cap) as m:
-        answer, trace = run_egg(bb, images["large"], f"{questions['large']}\n{OPEN_SUFFIX}", as_is)
+        answer, trace = run_egg(
+            bb, images["large"], f"{questions['large']}\n{OPEN_SUFFIX}", EggConfig(), execution=as_is
+        )
     fallbacks = trace.counters.memory_fallbacks
     same = (answer, crops(trace)) == ref["large"][:2]
     print(
@@ -128,7 +130,7 @@ def _check(bb, family: str, large: int, context: int) -> None:
     info = RunInfo(output_dir=out, spec=spec, method="egg", backbone=family, progress=False)
 
     def method(image, text):
-        return run_egg(bb, image, text, as_is)
+        return run_egg(bb, image, text, EggConfig(), execution=as_is)
 
     with MemoryPeak(bb.device, cap):
         summary = run(samples, method, info)

@@ -178,16 +178,16 @@ def test_the_default_budget_at_the_published_size_recomputes_less_with_lean():
 
 @pytest.mark.parametrize("budget", [None, 1e-6])
 def test_lean_setting_changes_no_answer_nor_box(tiny_backbones, budget):
-    """method.lean_activations: auto (lean only where over the budget), true (every pass), false
+    """execution.lean_activations: auto (lean only where over the budget), true (every pass), false
     (never: over the budget only layers are recomputed). The same answer, rounds and boxes."""
-    from egg_eval.grounding.refine import EggConfig, run_egg
+    from egg_eval.grounding.refine import EggConfig, ExecutionConfig, run_egg
 
     bb = tiny_backbones["llava16"]
     img = noise_image(300, 170, seed=11)
     out = {}
     for lean in ("auto", True, False):
-        cfg = EggConfig(max_rounds=4, activation_memory_gb=budget, lean_activations=lean)
-        text, trace = run_egg(bb, img, "q", cfg)
+        ex = ExecutionConfig(activation_memory_gb=budget, lean_activations=lean)
+        text, trace = run_egg(bb, img, "q", EggConfig(max_rounds=4), execution=ex)
         c = trace.counters
         out[lean] = (text, trace.final_views, [[g.box for g in r.selected] for r in trace.rounds])
         expected = {"auto": 0 if budget is None else c.n_backward, True: c.n_backward, False: 0}[lean]
@@ -195,8 +195,8 @@ def test_lean_setting_changes_no_answer_nor_box(tiny_backbones, budget):
         if budget is not None:  # nothing fits: every layer but the last recomputed, lean or not
             assert c.recomputed_layers == c.n_backward * (bb.num_layers - 1)
     assert out["auto"] == out[True] == out[False]
-    with pytest.raises(ValueError, match=r"method\.lean_activations must be auto, true or false"):
-        EggConfig(lean_activations="sometimes")
+    with pytest.raises(ValueError, match=r"execution\.lean_activations must be auto, true or false"):
+        ExecutionConfig(lean_activations="sometimes")
 
 
 def test_memory_plan_follows_the_lean_setting(bf16_backbones):

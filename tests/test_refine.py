@@ -11,12 +11,26 @@ import torch
 from conftest import noise_image
 
 from egg_eval.backbones.layout import TokenLayout, cell_boxes
-from egg_eval.grounding.refine import EggConfig, Refiner, answer_with_views, run_egg, run_vanilla
+from egg_eval.grounding.engine import ViewGrounder
+from egg_eval.grounding.refine import EggConfig, ExecutionConfig, answer_with_views, refine, run_egg, run_vanilla
 from egg_eval.grounding.regions import RegionParams
 from egg_eval.grounding.saliency import Grounding, token_saliency
 from egg_eval.types import Box, Counters
 
+
+class Loop:
+    """Alg. 1 on an image with a given saliency function (scripted maps in place of a model's)."""
+
+    def __init__(self, backbone, image, question, config, saliency_fn):
+        self.ground = ViewGrounder(backbone, image, question, config, saliency_fn=saliency_fn)
+        self.config = config
+
+    def run(self):
+        return refine(self.ground, self.config)
+
+
 EXACT = RegionParams(sigma=0.0, top_k=2, min_size=0.0, max_aspect=3.0)
+M4 = EggConfig(max_rounds=4)
 
 
 def blobs(*specs) -> np.ndarray:
@@ -64,7 +78,7 @@ ONE = blobs((3, 3, 2, 10.0))  # one component, score 20 -> H = 0
 def refiner(maps, stopping="spatial_entropy", **kw):
     script = Script(maps)
     cfg = EggConfig(regions=EXACT, stopping=stopping, **kw)
-    return Refiner(FakeBackbone(kw.pop("conf", ())), IMG, "q", cfg, saliency_fn=script), script
+    return Loop(FakeBackbone(kw.pop("conf", ())), IMG, "q", cfg, saliency_fn=script), script
 
 
 def test_a_rise_of_the_spatial_entropy_is_named_so():
@@ -122,7 +136,7 @@ def test_fixed_runs_exactly_n_rounds(n):
 def test_confidence_stops_when_max_prob_falls_and_drops_those_crops():
     script = Script([TWO] * 20)
     cfg = EggConfig(regions=EXACT, stopping="confidence")
-    trace = Refiner(FakeBackbone([0.3, 0.5, 0.4]), IMG, "q", cfg, saliency_fn=script).run()
+    trace = Loop(FakeBackbone([0.3, 0.5, 0.4]), IMG, "q", cfg, saliency_fn=script).run()
     assert trace.stop_reason == "confidence_fell"
     assert [x.confidence for x in trace.rounds] == [0.3, 0.5]
     assert trace.final_views == trace.rounds[1].views
@@ -313,8 +327,10 @@ def test_answer_prefix_is_kept_only_where_it_is_the_prompts(tiny_backbones):
 def test_run_egg_answer_on_the_prefix_changes_nothing_but_time(tiny_backbones, family, reuse_features):
     bb = tiny_backbones[family]
     img = noise_image(300, 170, seed=11)
-    text, trace = run_egg(bb, img, "q", EggConfig(max_rounds=4, reuse_features=reuse_features, reuse_prefix=False))
-    text2, trace2 = run_egg(bb, img, "q", EggConfig(max_rounds=4, reuse_features=reuse_features))
+    text, trace = run_egg(
+        bb, img, "q", M4, execution=ExecutionConfig(reuse_features=reuse_features, reuse_prefix=False)
+    )
+    text2, trace2 = run_egg(bb, img, "q", M4, execution=ExecutionConfig(reuse_features=reuse_features))
     assert (text2, trace2.final_views) == (text, trace.final_views)
     assert len(trace.final_views) > 1 and trace.counters.prefix_tokens == 0
     assert (trace2.counters.prefix_tokens > 0) == reuse_features
@@ -339,7 +355,7 @@ def test_a_sliding_window_that_dropped_keys_answers_without_the_prefix(tiny_path
         cfg["text_config"]["sliding_window"] = window
         (path / "config.json").write_text(json.dumps(cfg))
         bb = load_backbone("llava16", str(path), device="cpu", max_new_tokens=4)
-        text, trace = run_egg(bb, img, "q", EggConfig(max_rounds=4, reuse_prefix=False))
+        text, trace = run_egg(bb, img, "q", M4, execution=ExecutionConfig(reuse_prefix=False))
         text2, trace2 = run_egg(bb, img, "q", EggConfig(max_rounds=4))
         assert (text2, trace2.final_views) == (text, trace.final_views) and len(trace.final_views) > 1
         assert (trace2.counters.prefix_tokens > 0) == reused, window
@@ -364,24 +380,24 @@ def test_checkpoint_layers_changes_nothing_but_memory(tiny_backbones):
     bb = tiny_backbones["qwen25vl"]
     img = noise_image(300, 170, seed=11)
     text, trace = run_egg(bb, img, "q", EggConfig(max_rounds=4))
-    text2, trace2 = run_egg(bb, img, "q", EggConfig(max_rounds=4, checkpoint_layers=True))
+    text2, trace2 = run_egg(bb, img, "q", M4, execution=ExecutionConfig(checkpoint_layers=True))
     assert text2 == text and trace2.final_views == trace.final_views
     assert [[g.box for g in r.selected] for r in trace2.rounds] == [[g.box for g in r.selected] for r in trace.rounds]
     assert all("forward" not in vars(m) for m in bb.decoder_layers)  # nothing left patched after the run
 
 
 def test_activation_memory_limit_changes_nothing_but_how_passes_are_run(tiny_backbones):
-    from egg_eval.grounding.refine import activation_budget
+    from egg_eval.grounding.engine import activation_budget
 
     bb = tiny_backbones["llava16"]
     img = noise_image(300, 170, seed=11)
     assert activation_budget("auto", bb) is None  # no limit on CPU
     assert activation_budget(0.5, bb) == 0.5 * 2**30
     bb.counters.__init__()
-    text, trace = run_egg(bb, img, "q", EggConfig(max_rounds=4, activation_memory_gb=None))
+    text, trace = run_egg(bb, img, "q", M4, execution=ExecutionConfig(activation_memory_gb=None))
     assert trace.counters.memory_limited == 0
     # a limit below any view: every pass recomputes its layers, every batch is split
-    text2, trace2 = run_egg(bb, img, "q", EggConfig(max_rounds=4, activation_memory_gb=1e-6))
+    text2, trace2 = run_egg(bb, img, "q", M4, execution=ExecutionConfig(activation_memory_gb=1e-6))
     assert trace2.counters.memory_limited >= trace2.counters.n_backward > 0
     assert text2 == text and trace2.final_views == trace.final_views
     assert [[g.box for g in r.selected] for r in trace2.rounds] == [[g.box for g in r.selected] for r in trace.rounds]
@@ -390,4 +406,4 @@ def test_activation_memory_limit_changes_nothing_but_how_passes_are_run(tiny_bac
 @pytest.mark.parametrize("bad", [0, -1.0, "lots", True])
 def test_activation_memory_setting_is_checked(bad):
     with pytest.raises(ValueError, match="activation_memory_gb"):
-        EggConfig(activation_memory_gb=bad)
+        ExecutionConfig(activation_memory_gb=bad)

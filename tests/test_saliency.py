@@ -262,7 +262,7 @@ def test_batched_grounding_falls_back_to_one_pass_per_view_for_later_tokens(tiny
 
 @pytest.mark.parametrize("layer", [None, 1])
 def test_recomputing_layers_in_the_backward_gives_the_same_map(tiny_backbones, family, layer):
-    """method.checkpoint_layers trades memory for a second forward; the map must not change,
+    """execution.checkpoint_layers trades memory for a second forward; the map must not change,
     and every decoder layer gets its own forward back afterwards."""
     bb = tiny_backbones[family]
     img = noise_image(150, 110, seed=5)

@@ -185,7 +185,7 @@ def test_bench_script_prints_its_table():
     assert len(results["egg"]["times_s"]) == len(results["egg"]["paired_times_s"]) == 2
     spread = next(x for x in out.splitlines() if x.startswith("per sample, EGG / its paired plain run:"))
     assert "; egg median" in spread and "quartiles" in spread
-    # every pass lean (method.lean_activations=true); the default has no budget on CPU, so none
+    # every pass lean (execution.lean_activations=true); the default has no budget on CPU, so none
     lean = results["egg_lean"]
     assert lean["lean_passes"] == lean["backward"] > 0 and results["egg"]["lean_passes"] == 0
     assert lean["grounded"] == results["egg_reused_prefix"]["grounded"]

@@ -8,11 +8,13 @@ import pytest
 import torch
 from conftest import noise_image
 
-from egg_eval.grounding.refine import EggConfig, Refiner, run_egg
+from egg_eval.grounding.engine import ViewGrounder
+from egg_eval.grounding.refine import EggConfig, ExecutionConfig, run_egg
 from egg_eval.grounding.saliency import token_saliency
 from egg_eval.undone import eager_attention, full_precision, no_map_cache, parameter_gradients
 
-CFG = EggConfig(max_rounds=4, activation_memory_gb=None)
+CFG = EggConfig(max_rounds=4)
+EX = ExecutionConfig(activation_memory_gb=None)
 
 
 def boxes(trace):
@@ -49,30 +51,29 @@ def test_parameter_gradients_give_the_same_map_and_fill_every_weights_grad(tiny_
 def test_each_step_undone_gives_the_same_answer_and_regions(tiny_backbones, family):
     bb = tiny_backbones[family]
     img = noise_image(300, 170, seed=11)
-    text, trace = run_egg(bb, img, "q", CFG)
+    text, trace = run_egg(bb, img, "q", CFG, execution=EX)
     for undo in (parameter_gradients(bb), eager_attention(bb), full_precision(bb)):
         with undo:
-            text2, trace2 = run_egg(bb, img, "q", CFG)
+            text2, trace2 = run_egg(bb, img, "q", CFG, execution=EX)
         assert (text2, boxes(trace2), trace2.final_views) == (text, boxes(trace), trace.final_views), undo
         assert (trace2.counters.n_forward, trace2.counters.n_backward) == (
             trace.counters.n_forward,
             trace.counters.n_backward,
         )
     assert bb.model.config._attn_implementation == "sdpa"
-    assert run_egg(bb, img, "q", CFG)[0] == text
+    assert run_egg(bb, img, "q", CFG, execution=EX)[0] == text
 
 
 def test_without_the_map_cache_every_round_grounds_the_whole_image_again(tiny_backbones, monkeypatch):
     bb = tiny_backbones["llava15"]
     img = noise_image(300, 170, seed=11)
     stored = []
-    stock_store = Refiner._store
-    monkeypatch.setattr(Refiner, "_store", lambda self, box, g: stored.append(box) or stock_store(self, box, g))
-    text, trace = run_egg(bb, img, "q", CFG)
+    stock_store = ViewGrounder._store
+    monkeypatch.setattr(ViewGrounder, "_store", lambda self, box, g: stored.append(box) or stock_store(self, box, g))
+    text, trace = run_egg(bb, img, "q", CFG, execution=EX)
     cached, stored[:] = list(stored), []
-    stock = Refiner.ground_views
     with no_map_cache():
-        text2, trace2 = run_egg(bb, img, "q", CFG)
+        text2, trace2 = run_egg(bb, img, "q", CFG, execution=EX)
     assert (text2, boxes(trace2), trace2.final_views) == (text, boxes(trace), trace.final_views)
     rounds = len(trace.rounds)
     assert rounds >= 2 and len(cached) == len(set(cached))  # with the cache: each view grounded once
@@ -80,7 +81,7 @@ def test_without_the_map_cache_every_round_grounds_the_whole_image_again(tiny_ba
     assert stored == [v for r in trace.rounds for v in r.views] and len(stored) == len(cached) + rounds - 1
     assert (trace.counters.n_grounded, trace2.counters.n_grounded) == (len(cached), len(stored))
     assert trace2.counters.prefix_tokens == trace.counters.prefix_tokens > 0  # the answer still continues the cache
-    assert Refiner.ground_views is stock
+    assert ViewGrounder.reground is False  # back to the cache after the row
 
 
 def test_full_precision_restores_each_tensors_own_dtype(tiny_paths):

@@ -241,7 +241,7 @@ class Backbone(Loading, Encoding, ActivationMemory, PrefixReuse, Answering):
         usual logit lens and keeps the scale of the last layer). ``None`` = last layer.
         ``recompute_layers``: recompute this many leading decoder layers in the backward (an
         int: the activation budget's plan), or True for the least memory
-        (:meth:`most_recomputed`; method.checkpoint_layers); see :func:`recompute_in_backward`.
+        (:meth:`most_recomputed`; execution.checkpoint_layers); see :func:`recompute_in_backward`.
         ``cache`` (a full pass of one prompt): a fresh ``DynamicCache`` that the pass fills with
         its keys and values (:class:`Prefix`). ``lean``: keep lean activations for the backward
         (:func:`egg_eval.backbones.lean.lean_activations`; same logits and gradients).

@@ -150,7 +150,7 @@ class ActivationMemory:
         (elementwise work again in the backward, about a third less held) and the fewest
         leading decoder layers recomputed (each one more forward of that layer) that bring it
         within; ``None`` when it does not fit even lean with :meth:`most_recomputed` layers
-        recomputed. ``lean`` True or False (``method.lean_activations``) instead makes every
+        recomputed. ``lean`` True or False (``execution.lean_activations``) instead makes every
         plan lean, or none."""
         if lean is None:
             lean = not (budget is None or self.pass_activation_bytes(n_tokens, layer) <= budget)

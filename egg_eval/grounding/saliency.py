@@ -97,7 +97,7 @@ def token_saliency(
     (1 = first answer token; t > 1 greedy-unrolls t - 1 tokens first) through the first
     ``layer`` decoder layers (None = all), with respect to each projected visual token.
     ``recompute_layers`` trades memory for time (same scores; True: all decoder layers but the
-    last, method.checkpoint_layers; an int: that many leading ones); where the pass's estimated activations
+    last, execution.checkpoint_layers; an int: that many leading ones); where the pass's estimated activations
     (:meth:`Backbone.pass_activation_bytes`) exceed ``memory_budget`` bytes, the pass keeps
     lean activations and recomputes the fewest leading layers that bring it within
     (:meth:`Backbone.memory_plan`; ``lean`` True or False: every pass lean, or none).

@@ -1,5 +1,8 @@
-"""The method's settings (Sec. 4.3's defaults) and their checks: importable without torch, so that
-the CLI refuses a setting out of range before anything heavy loads."""
+"""What EGG computes and how it is run, as two dataclasses: :class:`EggConfig`, the paper's
+settings (Sec. 4.3's defaults: objective, decoding step, layer, regions, stopping, rounds), and
+:class:`ExecutionConfig`, the execution settings (batching, reuse, memory), none of which changes
+a map, a region or an answer (``affects_result`` false on each field: the resume check skips
+them). Importable without torch, so that the CLI refuses a setting out of range at once."""
 
 from __future__ import annotations
 
@@ -9,37 +12,26 @@ from egg_eval.grounding.regions import RegionParams
 
 # the objectives of egg_eval.grounding.saliency.OBJECTIVES (a test holds the two equal)
 OBJECTIVE_NAMES = ("entropy", "entropy_top_p", "max_prob")
-STOPPING_RULES = ("spatial_entropy", "confidence", "fixed")
+STOPPING_RULES = ("spatial_entropy", "confidence", "fixed")  # egg_eval.grounding.stopping.RULES
+NO_EFFECT = {"affects_result": False}  # field metadata: a setting no record depends on
+
+
+def affects_result(f) -> bool:
+    """Whether a dataclass field's value changes what a run records (the default: it does)."""
+    return f.metadata.get("affects_result", True)
 
 
 @dataclass(frozen=True)
 class EggConfig:
-    """Method settings; defaults are the paper's (Sec. 4.3)."""
+    """The method's settings; defaults are the paper's (Sec. 4.3)."""
 
-    objective: str = "entropy"
-    token_index: int = 1
-    layer: int | None = None
-    regions: RegionParams = field(default_factory=RegionParams)
-    stopping: str = "spatial_entropy"
-    n_rounds: int = 1  # for stopping="fixed"
-    max_rounds: int = 15
-    batch_views: bool = True  # ground the new views of a round in one pass where the backbone allows
-    reuse_features: bool = True  # the answer takes each view's embeddings from its grounding pass
-    # the answer continues the whole image's grounding pass's KV cache through that image
-    # (with reuse_features): its prefill runs only the crops and the question
-    reuse_prefix: bool = True
-    checkpoint_layers: bool = False  # recompute decoder layers in the backward: less memory, more time
-    # activations a grounding pass may hold, GiB: over it, a pass keeps lean activations, a
-    # round's views that do not fit even so go one by one, and a view recomputes the fewest
-    # leading decoder layers that bring it within. "auto" =
-    # AUTO_ACTIVATION_FRACTION of the weights' bytes on a GPU (peak within 1.5x the plain
-    # model's), no limit on CPU; None = no limit.
-    activation_memory_gb: float | str | None = "auto"
-    # lean activations in the grounding backward (egg_eval.backbones.lean; the same maps to the
-    # bit): "auto" = where a pass is over the budget, before recomputing layers; True = every
-    # pass (less memory for a little elementwise work); False = never (over the budget, only
-    # layers are recomputed)
-    lean_activations: bool | str = "auto"
+    objective: str = "entropy"  # Tab. 3
+    token_index: int = 1  # the decoding step t whose entropy is differentiated (Tab. 6)
+    layer: int | None = None  # the logit-lens layer L; None: the last (Tab. 5)
+    regions: RegionParams = field(default_factory=RegionParams)  # smoothing, K (Tab. 4), box limits
+    stopping: str = "spatial_entropy"  # Tab. 2
+    n_rounds: int = 1  # rounds of stopping="fixed"
+    max_rounds: int = 15  # every rule stops here (the reference code's cap)
 
     def __post_init__(self):
         # the messages name the settings as `python -m egg_eval` spells them
@@ -63,8 +55,33 @@ class EggConfig:
                 raise ValueError(f"method.{key} must be >= {low}, got {value!r}")
         if self.stopping == "fixed" and self.n_rounds < 1:
             raise ValueError(f"stopping.n must be >= 1, got {self.n_rounds!r}")
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How EGG runs (the ``execution`` config group); every field gives the same maps, regions
+    and answers, up to float rounding (tested)."""
+
+    # ground the new views of a round in one batched pass where the backbone allows
+    batch_views: bool = field(default=True, metadata=NO_EFFECT)
+    # the answer takes each view's visual embeddings from its grounding pass
+    reuse_features: bool = field(default=True, metadata=NO_EFFECT)
+    # with reuse_features: the answer continues the whole image's grounding KV cache
+    reuse_prefix: bool = field(default=True, metadata=NO_EFFECT)
+    # recompute every decoder layer but the last in the grounding backward: less memory, more time
+    checkpoint_layers: bool = field(default=False, metadata=NO_EFFECT)
+    # GiB of activations a grounding pass may hold; "auto": 0.4x the weights on a GPU, none on CPU;
+    # None: no limit (egg_eval.grounding.engine.activation_budget)
+    activation_memory_gb: float | str | None = field(default="auto", metadata=NO_EFFECT)
+    # lean activations (egg_eval.backbones.lean): "auto" where a pass is over the budget; True
+    # every pass; False never (over the budget, only layers are recomputed)
+    lean_activations: bool | str = field(default="auto", metadata=NO_EFFECT)
+
+    def __post_init__(self):
         a = self.activation_memory_gb
         if not (a is None or a == "auto" or (isinstance(a, int | float) and not isinstance(a, bool) and a > 0)):
-            raise ValueError(f"activation_memory_gb must be a positive number of GiB, 'auto' or null, got {a!r}")
+            raise ValueError(
+                f"execution.activation_memory_gb must be a positive number of GiB, 'auto' or null, got {a!r}"
+            )
         if self.lean_activations not in ("auto", True, False):
-            raise ValueError(f"method.lean_activations must be auto, true or false, got {self.lean_activations!r}")
+            raise ValueError(f"execution.lean_activations must be auto, true or false, got {self.lean_activations!r}")
